@@ -1,0 +1,141 @@
+"""Command line: ``durable-streams-asgi serve`` runs a standalone server under uvicorn.
+
+The streams are served at ``/v1/stream/...``. Settings reach worker processes through
+environment variables, because uvicorn starts each worker by importing :func:`server_app`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator, Sequence
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+
+from .app import durable_streams_app
+from .storage.base import Storage
+from .storage.memory import MemoryStorage
+
+DEFAULT_PORT = 4437  # PROTOCOL.md section 13.1
+MOUNT_PATH = "/v1/stream"
+
+_ENV_STORAGE = "DURABLE_STREAMS_STORAGE"
+_ENV_LONG_POLL = "DURABLE_STREAMS_LONG_POLL_TIMEOUT"
+_ENV_SSE_DURATION = "DURABLE_STREAMS_SSE_MAX_DURATION"
+
+
+class UsageError(Exception):
+    """A bad command-line value, reported without a traceback."""
+
+
+def make_storage(spec: str) -> Storage:
+    """``memory`` or a ``redis://`` / ``rediss://`` URL."""
+    if spec == "memory":
+        return MemoryStorage()
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        try:
+            from .storage.redis import RedisStorage
+        except ImportError as exc:  # pragma: no cover - depends on the installed version
+            raise UsageError(f"Redis storage is not available: {exc}") from exc
+        return RedisStorage.from_url(spec)
+    raise UsageError(f"unknown storage {spec!r}: use 'memory' or a redis:// URL")
+
+
+def build_app(storage: Storage, *, long_poll_timeout: float = 30.0, sse_max_duration: float = 60.0) -> Starlette:
+    """The standalone server: streams under ``/v1/stream`` and a health check at ``/healthz``."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await storage.aclose()
+
+    async def health(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    streams = durable_streams_app(storage, long_poll_timeout=long_poll_timeout, sse_max_duration=sse_max_duration)
+    return Starlette(
+        routes=[Route("/healthz", health), Mount(MOUNT_PATH, app=streams)],
+        lifespan=lifespan,
+    )
+
+
+def server_app() -> Starlette:
+    """uvicorn factory: each worker process builds its app from the environment."""
+    return build_app(
+        make_storage(os.environ.get(_ENV_STORAGE, "memory")),
+        long_poll_timeout=float(os.environ.get(_ENV_LONG_POLL, "30")),
+        sse_max_duration=float(os.environ.get(_ENV_SSE_DURATION, "60")),
+    )
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="durable-streams-asgi", description="Durable Streams server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the server (streams at /v1/stream)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    serve.add_argument(
+        "--storage", default="memory", help="'memory' (default) or a Redis URL such as redis://localhost:6379/0"
+    )
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (Redis storage only for N > 1)")
+    serve.add_argument(
+        "--long-poll-timeout", type=_positive_float, default=30.0, help="seconds a long-poll waits (default 30)"
+    )
+    serve.add_argument(
+        "--sse-max-duration",
+        type=_positive_float,
+        default=60.0,
+        help="seconds before an SSE connection is closed for the client to reconnect (default 60)",
+    )
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.workers < 1:
+            raise UsageError("--workers must be at least 1")
+        if args.storage == "memory" and args.workers > 1:
+            raise UsageError("memory storage lives in one process: use --workers 1, or Redis storage")
+        make_storage(args.storage)  # fail fast on a bad value, before any worker starts
+    except UsageError as exc:
+        print(f"durable-streams-asgi: {exc}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    os.environ[_ENV_STORAGE] = args.storage
+    os.environ[_ENV_LONG_POLL] = str(args.long_poll_timeout)
+    os.environ[_ENV_SSE_DURATION] = str(args.sse_max_duration)
+    uvicorn.run(
+        "durable_streams_asgi.cli:server_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Offsets and cursors.
+
+An offset names a position in a stream: the number of bytes (or, for JSON streams, messages) that
+come before it. On the wire it is a fixed-width decimal string, so lexicographic order equals
+numeric order, which the protocol requires (PROTOCOL.md section 8). Clients must treat it as
+opaque; we keep it simple so that it is cheap to parse and easy to read in logs.
+
+Cursors (section 10.1) are 20-second interval numbers counted from 2024-10-09T00:00:00Z, pushed
+strictly past any cursor the client echoes so that CDN cache keys never cycle.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+OFFSET_WIDTH = 16
+MAX_POSITION = 10**OFFSET_WIDTH - 1
+
+#: The ``-1`` sentinel: the beginning of the stream.
+BEGINNING = "-1"
+#: The ``now`` sentinel: the current tail of the stream.
+NOW = "now"
+
+CURSOR_EPOCH_SECONDS = 1728432000  # 2024-10-09T00:00:00Z
+CURSOR_INTERVAL_SECONDS = 20
+_MAX_CURSOR_JITTER_SECONDS = 3600
+
+
+class InvalidOffset(ValueError):
+    """The string is neither a sentinel nor an offset this server could have minted."""
+
+
+def encode_offset(position: int) -> str:
+    return str(position).zfill(OFFSET_WIDTH)
+
+
+def decode_offset(token: str) -> int:
+    """Parse a minted offset. Sentinels are handled by the caller."""
+    if len(token) != OFFSET_WIDTH or not token.isascii() or not token.isdigit():
+        raise InvalidOffset(token)
+    return int(token)
+
+
+def current_cursor_interval(now: float | None = None) -> int:
+    now = time.time() if now is None else now
+    return max(0, int((now - CURSOR_EPOCH_SECONDS) // CURSOR_INTERVAL_SECONDS))
+
+
+def next_cursor(client_cursor: str | None, now: float | None = None) -> str:
+    """The cursor for a live response, strictly after the one the client echoed."""
+    interval = current_cursor_interval(now)
+    if client_cursor is not None and client_cursor.isascii() and client_cursor.isdigit():
+        echoed = int(client_cursor[:32])
+        if echoed >= interval:
+            # Same (or a future) interval: jump ahead by a random 1-3600 s so that clients
+            # collapsed on one cache key spread out instead of looping on a cached response.
+            jitter = random.randint(1, _MAX_CURSOR_JITTER_SECONDS)
+            interval = echoed + max(1, -(-jitter // CURSOR_INTERVAL_SECONDS))
+    return str(interval)

@@ -1,0 +1,255 @@
+"""The storage interface every backend implements, and the errors it may raise.
+
+The HTTP layer talks only to :class:`Storage`; it never knows which backend runs. Positions are
+plain integers (bytes, or messages for JSON streams) and are turned into opaque offsets by
+:mod:`durable_streams_asgi.offsets` at the HTTP boundary.
+
+Every method that takes a ``path`` raises :class:`StreamNotFound` when no live stream is there
+(never created, deleted, or expired) and :class:`StreamGone` when the stream is soft-deleted
+(deleted while forks still reference it). Backends that talk to a server raise
+:class:`StorageUnavailable` when it cannot be reached; nothing has been written in that case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+# --------------------------------------------------------------------------------------------
+# Errors. Each names the protocol condition, not the HTTP status: the mapping to statuses lives
+# in one place, durable_streams_asgi.protocol.
+
+
+class StorageError(Exception):
+    """Base class for every error a storage raises on purpose."""
+
+
+class StreamNotFound(StorageError):
+    """No stream exists at the path (or it expired)."""
+
+
+class StreamGone(StorageError):
+    """The stream was deleted but is kept for the forks that still read from it."""
+
+
+class StreamExists(StorageError):
+    """``create`` found a stream at the path whose configuration differs from the request."""
+
+
+class StreamClosed(StorageError):
+    """An append reached a closed stream. ``tail`` is the stream's final position."""
+
+    def __init__(self, tail: int) -> None:
+        super().__init__(tail)
+        self.tail = tail
+
+
+class ContentTypeMismatch(StorageError):
+    """An append's content type differs from the stream's."""
+
+
+class SequenceConflict(StorageError):
+    """``Stream-Seq`` did not increase (byte-wise) over the last one accepted."""
+
+
+class StaleEpoch(StorageError):
+    """A producer wrote with an epoch older than the one the stream knows (zombie fencing)."""
+
+    def __init__(self, current_epoch: int) -> None:
+        super().__init__(current_epoch)
+        self.current_epoch = current_epoch
+
+
+class InvalidProducerSeq(StorageError):
+    """A producer opened a new epoch with a sequence number other than 0."""
+
+
+class ProducerSeqGap(StorageError):
+    """A producer skipped sequence numbers; ``expected`` is the next one the stream accepts."""
+
+    def __init__(self, expected: int, received: int) -> None:
+        super().__init__(expected, received)
+        self.expected = expected
+        self.received = received
+
+
+class OffsetOutOfRange(StorageError):
+    """A read or fork offset lies past the stream's tail."""
+
+
+class ForkSourceNotFound(StorageError):
+    """``create`` was asked to fork a stream that does not exist."""
+
+
+class ForkSourceGone(StorageError):
+    """``create`` was asked to fork a soft-deleted stream."""
+
+
+class InvalidForkSubOffset(StorageError):
+    """The fork sub-offset points past the next data boundary of the source."""
+
+
+class StorageUnavailable(StorageError):
+    """The backing service cannot be reached; the operation did not happen."""
+
+
+# --------------------------------------------------------------------------------------------
+# Values passed in and out.
+
+
+@dataclass(frozen=True, slots=True)
+class StreamConfig:
+    """What a PUT asks for. Two creates are the same request when their configs are equal."""
+
+    content_type: str
+    #: Sliding time-to-live in seconds, reset by reads and writes.
+    ttl_seconds: int | None = None
+    #: Absolute expiry, Unix time in seconds.
+    expires_at: float | None = None
+    #: Create the stream already closed.
+    closed: bool = False
+    #: Fork source path, with the fork point (None: the source's tail) and sub-offset.
+    fork_from: str | None = None
+    fork_offset: int | None = None
+    fork_sub_offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Producer:
+    """Idempotent producer headers of one request (PROTOCOL.md section 5.2.1)."""
+
+    id: str
+    epoch: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class AppendRequest:
+    """One POST: zero or more items, optionally closing the stream.
+
+    ``items`` are JSON messages (one serialized value each) for JSON streams and raw byte
+    chunks otherwise; an empty sequence with ``close=True`` is a close-only request.
+    """
+
+    content_type: str | None
+    items: Sequence[bytes]
+    close: bool = False
+    seq: str | None = None
+    producer: Producer | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """A snapshot of a stream's metadata."""
+
+    content_type: str
+    #: Position after the last byte or message.
+    tail: int
+    closed: bool
+    ttl_seconds: int | None
+    expires_at: float | None
+    #: Distinguishes this stream from an earlier one at the same path (for ETags).
+    stream_id: str
+    #: Whether positions count JSON messages instead of bytes.
+    is_json: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CreateResult:
+    #: False when an identical stream already existed (idempotent create).
+    created: bool
+    info: StreamInfo
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    info: StreamInfo
+    #: True when the producer tuple was already applied and nothing was written.
+    duplicate: bool = False
+    #: For producer requests: the producer's epoch and highest accepted sequence number.
+    producer_epoch: int | None = None
+    producer_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    """Data from ``start`` up to ``next``; ``info`` is the stream as it was when read."""
+
+    info: StreamInfo
+    start: int
+    next: int
+    #: JSON messages, or byte chunks to concatenate.
+    items: list[bytes] = field(default_factory=list)
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.next >= self.info.tail
+
+    @property
+    def at_end(self) -> bool:
+        """The reader has everything the closed stream will ever have (EOF)."""
+        return self.info.closed and self.next >= self.info.tail
+
+
+# --------------------------------------------------------------------------------------------
+# The interface.
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """An async store of durable streams. All methods are safe under concurrent calls.
+
+    Implementations must make each ``create`` and ``append`` atomic: validation (existence,
+    closure, content type, Stream-Seq, producer epoch/seq) and the write happen together, so
+    concurrent requests, from this process or another, never interleave, duplicate or lose data.
+    """
+
+    async def create(self, path: str, config: StreamConfig, items: Sequence[bytes] = ()) -> CreateResult:
+        """Create a stream holding ``items``, or confirm an identical one exists.
+
+        Raises :class:`StreamExists` (different config, or a soft-deleted stream at the path),
+        and for forks :class:`ForkSourceNotFound`, :class:`ForkSourceGone`,
+        :class:`OffsetOutOfRange`, :class:`InvalidForkSubOffset` and :class:`ContentTypeMismatch`.
+        """
+        ...
+
+    async def append(self, path: str, request: AppendRequest) -> AppendResult:
+        """Append (and/or close) atomically.
+
+        Raises, in this order of precedence: :class:`StreamNotFound`, :class:`StreamGone`,
+        :class:`StreamClosed`, :class:`ContentTypeMismatch`, :class:`StaleEpoch`,
+        :class:`InvalidProducerSeq`, :class:`ProducerSeqGap`, :class:`SequenceConflict`.
+        A close-only request on a closed stream succeeds (idempotent close), and so does a
+        retry of the producer request that closed it (``duplicate=True``).
+        """
+        ...
+
+    async def read(self, path: str, start: int | None, max_bytes: int) -> ReadResult:
+        """Read from ``start`` (None: the tail), at least one item if any, about ``max_bytes``.
+
+        Refreshes a sliding TTL. Raises :class:`OffsetOutOfRange` when ``start`` is past the
+        tail.
+        """
+        ...
+
+    async def head(self, path: str) -> StreamInfo:
+        """The stream's metadata. Does not refresh a sliding TTL."""
+        ...
+
+    async def delete(self, path: str) -> None:
+        """Delete the stream (soft-delete while forks reference it)."""
+        ...
+
+    async def wait_for_data(self, path: str, position: int, timeout: float) -> bool:
+        """Wait until the stream has data past ``position``, is closed, or is gone.
+
+        Returns True when the caller should read again (new data, closure, deletion) and False
+        when ``timeout`` seconds passed with none of these. Never misses a change that happens
+        after the call starts.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections and background tasks. The storage is unusable afterwards."""
+        ...
