@@ -25,13 +25,15 @@ from .jsonmode import InvalidJSON, join_messages, split_messages
 from .protocol import ProtocolError
 from .storage.base import (
     AppendRequest,
+    ContentTypeMismatch,
     ReadResult,
     Storage,
     StorageError,
+    StreamClosed,
     StreamConfig,
     StreamInfo,
 )
-from .storage.common import DEFAULT_CONTENT_TYPE, is_json_content_type
+from .storage.common import DEFAULT_CONTENT_TYPE, is_json_content_type, same_content_type
 from .storage.memory import MemoryStorage
 
 logger = logging.getLogger("durable_streams_asgi")
@@ -268,9 +270,13 @@ class DurableStreamsASGI:
         if body:
             if content_type is None:
                 raise protocol.bad_request("Content-Type is required")
-            items = self._items(content_type, body)
-            if not items:
-                raise protocol.bad_request("an empty JSON array appends nothing")
+            try:
+                items = self._items(content_type, body)
+                if not items:
+                    raise protocol.bad_request("an empty JSON array appends nothing")
+            except ProtocolError:
+                await self._explain_rejected_body(request.path, content_type)
+                raise
         elif not close:
             raise protocol.bad_request("empty body (send Stream-Closed: true to close)")
         result = await self.storage.append(
@@ -285,6 +291,18 @@ class DurableStreamsASGI:
         # A producer's new data is 200; duplicates, close-only requests and plain appends 204.
         status = 200 if producer is not None and items and not result.duplicate else 204
         await self._send(send, request, status, headers)
+
+    async def _explain_rejected_body(self, path: str, content_type: str) -> None:
+        """Report a missing, closed or differently typed stream before a body it would never parse.
+
+        The storage decides these for valid bodies; for a body that fails validation we look the
+        stream up, so that the precedence matches (404, then 409 closed, then 409 type, then 400).
+        """
+        info = await self.storage.head(path)
+        if info.closed:
+            raise StreamClosed(info.tail)
+        if not same_content_type(content_type, info.content_type):
+            raise ContentTypeMismatch(content_type)
 
     # -- HEAD / DELETE -------------------------------------------------------------------------
 
@@ -447,9 +465,9 @@ def _etag_matches(if_none_match: str | None, etag: str) -> bool:
 
 
 def _rfc3339(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp)) + (
-        f".{int(round((timestamp % 1) * 1000)):03d}Z" if timestamp % 1 else "Z"
-    )
+    seconds, millis = divmod(round(timestamp * 1000), 1000)
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{text}.{millis:03d}Z" if millis else f"{text}Z"
 
 
 def durable_streams_app(

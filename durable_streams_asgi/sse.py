@@ -30,7 +30,8 @@ def data_event(payload: bytes, *, base64_encode: bool) -> bytes:
         # SSE cannot carry a bare CR or LF inside a line: each line break starts a new
         # ``data:`` line, and the client joins them back with LF.
         lines = _LINE_BREAK.split(payload.decode("utf-8", errors="replace"))
-    body = "".join(f"data:{line}\n" for line in lines)
+    # Clients drop one space after "data:"; a line that starts with a space gets an extra one.
+    body = "".join(f"data: {line}\n" if line.startswith(" ") else f"data:{line}\n" for line in lines)
     return f"event: data\n{body}\n".encode()
 
 
