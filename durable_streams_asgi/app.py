@@ -226,27 +226,40 @@ class DurableStreamsASGI:
         content_type = h.get("content-type", "").strip() or None
         fork_from = h.get("stream-forked-from")
         ttl, expires_at = protocol.parse_expiry(h.get("stream-ttl"), h.get("stream-expires-at"))
+        fork_offset = protocol.parse_fork_offset(h.get("stream-fork-offset"))
+        fork_sub_offset = protocol.parse_fork_sub_offset(h.get("stream-fork-sub-offset"))
+        if fork_from is None:
+            if "stream-fork-offset" in h or "stream-fork-sub-offset" in h:
+                raise protocol.bad_request("Stream-Fork-Offset and Stream-Fork-Sub-Offset require Stream-Forked-From")
+            content_type = content_type or DEFAULT_CONTENT_TYPE
+        elif fork_sub_offset and fork_offset is None:
+            raise protocol.bad_request("Stream-Fork-Sub-Offset requires Stream-Fork-Offset")
         config = StreamConfig(
-            content_type=content_type or DEFAULT_CONTENT_TYPE,
+            # A fork without a Content-Type inherits its source's (None tells the storage).
+            content_type=content_type,
             ttl_seconds=ttl,
             expires_at=expires_at,
             closed=protocol.parse_closed(h.get("stream-closed")),
-            fork_from=protocol.validate_path(fork_from.strip()) if fork_from is not None else None,
-            fork_offset=protocol.parse_fork_offset(h.get("stream-fork-offset")),
-            fork_sub_offset=protocol.parse_fork_sub_offset(h.get("stream-fork-sub-offset")),
+            fork_from=protocol.fork_source_path(fork_from, request.scope.get("root_path", ""))
+            if fork_from is not None
+            else None,
+            fork_offset=fork_offset,
+            fork_sub_offset=fork_sub_offset,
         )
-        if fork_from is None and ("stream-fork-offset" in h or "stream-fork-sub-offset" in h):
-            raise protocol.bad_request("Stream-Fork-Offset requires Stream-Forked-From")
         body = await request.body(self.options.max_body_size)
-        items = self._items(config.content_type, body) if body else []
-        try:
-            result = await self.storage.create(request.path, config, items)
-        except NotImplementedError as exc:
-            raise ProtocolError(501, str(exc)) from exc
+        items = await self._create_items(request.path, config, body) if body else []
+        result = await self.storage.create(request.path, config, items)
         headers = self._stream_headers(result.info)
         if result.created:
             headers.append(_h("location", request.url()))
         await self._send(send, request, 201 if result.created else 200, headers)
+
+    async def _create_items(self, path: str, config: StreamConfig, body: bytes) -> list[bytes]:
+        content_type = config.content_type
+        if content_type is None and config.fork_from is not None:
+            # The body of a fork that inherits its type is parsed by the source's type.
+            content_type = (await self.storage.head(config.fork_from)).content_type
+        return self._items(content_type, body)
 
     @staticmethod
     def _items(content_type: str | None, body: bytes) -> list[bytes]:

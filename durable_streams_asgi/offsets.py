@@ -1,9 +1,12 @@
 """Offsets and cursors.
 
 An offset names a position in a stream: the number of bytes (or, for JSON streams, messages) that
-come before it. On the wire it is a fixed-width decimal string, so lexicographic order equals
-numeric order, which the protocol requires (PROTOCOL.md section 8). Clients must treat it as
-opaque; we keep it simple so that it is cheap to parse and easy to read in logs.
+come before it. On the wire it is ``EEEEEEEEEEEEEEEE_PPPPPPPPPPPPPPPP``: two fixed-width decimal
+fields, so lexicographic order equals numeric order, which the protocol requires (PROTOCOL.md
+section 8). ``P`` is the position. ``E`` is reserved and always zero today: it leaves room for a
+future storage layout (compaction epochs, say) without changing the width, and it makes our
+offsets the same shape as the other implementations', which clients and tests sometimes hard-code
+(``0000000000000000_0000000000000000`` for the start of a stream). Clients treat offsets as opaque.
 
 Cursors (section 10.1) are 20-second interval numbers counted from 2024-10-09T00:00:00Z, pushed
 strictly past any cursor the client echoes so that CDN cache keys never cycle.
@@ -14,8 +17,10 @@ from __future__ import annotations
 import random
 import time
 
-OFFSET_WIDTH = 16
-MAX_POSITION = 10**OFFSET_WIDTH - 1
+FIELD_WIDTH = 16
+OFFSET_WIDTH = 2 * FIELD_WIDTH + 1
+MAX_POSITION = 10**FIELD_WIDTH - 1
+_EPOCH = "0" * FIELD_WIDTH
 
 #: The ``-1`` sentinel: the beginning of the stream.
 BEGINNING = "-1"
@@ -32,14 +37,20 @@ class InvalidOffset(ValueError):
 
 
 def encode_offset(position: int) -> str:
-    return str(position).zfill(OFFSET_WIDTH)
+    return f"{_EPOCH}_{position:0{FIELD_WIDTH}d}"
 
 
 def decode_offset(token: str) -> int:
     """Parse a minted offset. Sentinels are handled by the caller."""
-    if len(token) != OFFSET_WIDTH or not token.isascii() or not token.isdigit():
+    if (
+        len(token) != OFFSET_WIDTH
+        or token[FIELD_WIDTH] != "_"
+        or not token.isascii()
+        or token[:FIELD_WIDTH] != _EPOCH
+        or not token[FIELD_WIDTH + 1 :].isdigit()
+    ):
         raise InvalidOffset(token)
-    return int(token)
+    return int(token[FIELD_WIDTH + 1 :])
 
 
 def current_cursor_interval(now: float | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import datetime
+from urllib.parse import unquote, urlsplit
 
 from . import offsets
 from .storage import base as st
@@ -171,6 +172,26 @@ def validate_path(path: str) -> str:
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in path):
         raise bad_request("stream path contains control characters")
     return "/" + stripped
+
+
+def fork_source_path(value: str, root_path: str) -> str:
+    """The stream path named by ``Stream-Forked-From``.
+
+    Clients send the source's URL path as they address it (``/v1/stream/chat/1``) or a full URL;
+    both are reduced to the path below this app's mount point, like the request path.
+    """
+    value = value.strip()
+    if "://" in value:
+        value = urlsplit(value).path
+    value = unquote(value)
+    if root_path and (value == root_path or value.startswith(root_path + "/")):
+        value = value[len(root_path) :]
+    if not value.startswith("/"):
+        value = "/" + value
+    try:
+        return validate_path(value)
+    except ProtocolError as exc:
+        raise bad_request(f"Stream-Forked-From: {exc.message}") from exc
 
 
 # -- storage errors -> HTTP -------------------------------------------------------------------

@@ -118,13 +118,13 @@ async def test_json_mode(client: httpx.AsyncClient) -> None:
         ("PUT", "/a/%2e%2e/b", TEXT, b"", 400),
         ("PUT", "/a%00b", TEXT, b"", 400),
         ("PUT", "/" + "x" * 1100, TEXT, b"", 414),
-        ("PUT", "/n", {**TEXT, "Stream-Fork-Offset": "0000000000000000"}, b"", 400),
+        ("PUT", "/n", {**TEXT, "Stream-Fork-Offset": "0000000000000000_0000000000000000"}, b"", 400),
         ("GET", "/s?offset=abc", {}, b"", 400),
         ("GET", "/s?offset=", {}, b"", 400),
         ("GET", "/s?offset=-1&offset=now", {}, b"", 400),
         ("GET", "/s?live=long-poll", {}, b"", 400),
         ("GET", "/s?offset=-1&live=forever", {}, b"", 400),
-        ("GET", "/s?offset=9999999999999999", {}, b"", 400),
+        ("GET", "/s?offset=0000000000000000_0000000000009999", {}, b"", 400),  # past the tail
         ("GET", "/missing?offset=now&live=sse", {}, b"", 404),
         ("DELETE", "/missing", {}, b"", 404),
         ("PATCH", "/s", TEXT, b"x", 405),
@@ -158,6 +158,13 @@ async def test_oversize_bodies_get_413_and_write_nothing(storage: Storage) -> No
         assert (await c.head("/t")).status_code == 404
 
 
+@pytest.fixture
+def quick_live(app_options: dict[str, object]) -> None:
+    # Live reads through the in-process transport are buffered until they end: keep them short.
+    app_options.update(long_poll_timeout=0.1, sse_max_duration=0.1)
+
+
+@pytest.mark.usefixtures("quick_live")
 async def test_random_garbage_headers_never_cause_5xx(client: httpx.AsyncClient) -> None:
     rng = random.Random(1234)
     names = [
@@ -184,7 +191,7 @@ async def test_random_garbage_headers_never_cause_5xx(client: httpx.AsyncClient)
         query = rng.choice(
             [
                 "",
-                "?offset=" + rng.choice(["-1", "now", "x", "0000000000000001"]),
+                "?offset=" + rng.choice(["-1", "now", "x", "0000000000000000_0000000000000001"]),
                 "?offset=now&live=long-poll",
                 "?offset=-1&live=sse&cursor=zz",
             ]
@@ -383,7 +390,11 @@ async def test_sse_now_on_closed_stream_ends_at_once(live_client: httpx.AsyncCli
     async with live_client.stream("GET", "/c", params={"offset": "now", "live": "sse"}) as response:
         events = [e async for e in sse_events(response)]
     assert len(events) == 1 and events[0][0] == "control"
-    assert json.loads(events[0][1]) == {"streamNextOffset": "0000000000000003", "streamClosed": True, "upToDate": True}
+    assert json.loads(events[0][1]) == {
+        "streamNextOffset": "0000000000000000_0000000000000003",
+        "streamClosed": True,
+        "upToDate": True,
+    }
 
 
 async def test_sse_json_events_are_arrays(live_client: httpx.AsyncClient) -> None:

@@ -23,6 +23,11 @@ def test_sentinels_are_never_minted() -> None:
     "token",
     [
         "",
+        "0000000000000000",
+        "0000000000000001_0000000000000000",  # reserved field must be zero
+        "0000000000000000-0000000000000000",
+        "0000000000000000_000000000000000x",
+        "9999999999999999_9999999999999999",
         "-1",
         "now",
         "12",
@@ -33,7 +38,7 @@ def test_sentinels_are_never_minted() -> None:
         "000000000000000/",
         "../0000000000000",
         "0000000000000,01",
-        "\u0660" * 15 + "\u0661",  # non-ASCII digits,
+        "\u0660" * 15 + "\u0661",  # non-ASCII digits
     ],
 )
 def test_decode_rejects_anything_not_minted(token: str) -> None:

@@ -103,12 +103,16 @@ def test_producer_headers_rejected(headers: tuple[str | None, str | None, str | 
     assert err.value.status == 400
 
 
-@pytest.mark.parametrize(("value", "position"), [(None, 0), ("-1", 0), ("now", None), ("0000000000000042", 42)])
+@pytest.mark.parametrize(
+    ("value", "position"), [(None, 0), ("-1", 0), ("now", None), ("0000000000000000_0000000000000042", 42)]
+)
 def test_read_offset(value: str | None, position: int | None) -> None:
     assert protocol.parse_read_offset(value) == position
 
 
-@pytest.mark.parametrize("value", ["", "0,1", "0 1", "42", "-2", "NOW", "../x", "0000000000000042\n"])
+@pytest.mark.parametrize(
+    "value", ["", "0,1", "0 1", "42", "-2", "NOW", "../x", "0000000000000000_0000000000000042\n", "0000000000000042"]
+)
 def test_read_offset_rejected(value: str) -> None:
     with pytest.raises(ProtocolError):
         protocol.parse_read_offset(value)
@@ -146,7 +150,7 @@ def test_invalid_paths(path: str, status: int) -> None:
         (st.StreamNotFound("x"), 404, {}),
         (st.StreamGone("x"), 410, {}),
         (st.StreamExists("x"), 409, {}),
-        (st.StreamClosed(7), 409, {"Stream-Closed": "true", "Stream-Next-Offset": "0000000000000007"}),
+        (st.StreamClosed(7), 409, {"Stream-Closed": "true", "Stream-Next-Offset": "0000000000000000_0000000000000007"}),
         (st.ContentTypeMismatch("x"), 409, {}),
         (st.SequenceConflict("x"), 409, {}),
         (st.StaleEpoch(4), 403, {"Producer-Epoch": "4"}),

@@ -102,7 +102,8 @@ class StorageUnavailable(StorageError):
 class StreamConfig:
     """What a PUT asks for. Two creates are the same request when their configs are equal."""
 
-    content_type: str
+    #: None: the default (``application/octet-stream``), or for a fork the source's type.
+    content_type: str | None
     #: Sliding time-to-live in seconds, reset by reads and writes.
     ttl_seconds: int | None = None
     #: Absolute expiry, Unix time in seconds.

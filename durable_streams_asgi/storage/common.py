@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .base import StreamConfig
+from dataclasses import replace
+
+from .base import ContentTypeMismatch, InvalidForkSubOffset, OffsetOutOfRange, StreamConfig
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
@@ -22,14 +24,51 @@ def same_content_type(a: str | None, b: str | None) -> bool:
     return media_type(a) == media_type(b)
 
 
-def config_matches(existing: StreamConfig, existing_closed: bool, requested: StreamConfig) -> bool:
-    """Whether a PUT to an existing stream is an idempotent repeat (200) or a conflict (409)."""
+def config_matches(requested: StreamConfig, resolved: StreamConfig, closed: bool, again: StreamConfig) -> bool:
+    """Whether a PUT to an existing stream repeats its creation (200) or conflicts (409).
+
+    ``requested`` is what the creating PUT asked for and ``resolved`` what the stream got (for a
+    fork, with inherited content type and expiry). A repeat that leaves out the content type of a
+    fork matches the inherited one.
+    """
+    content_type_ok = (
+        same_content_type(resolved.content_type, again.content_type)
+        if again.content_type is not None
+        else requested.content_type is None
+    )
     return (
-        same_content_type(existing.content_type, requested.content_type)
-        and existing.ttl_seconds == requested.ttl_seconds
-        and existing.expires_at == requested.expires_at
-        and existing_closed == requested.closed
-        and existing.fork_from == requested.fork_from
-        and (requested.fork_offset is None or existing.fork_offset == requested.fork_offset)
-        and existing.fork_sub_offset == requested.fork_sub_offset
+        content_type_ok
+        and requested.ttl_seconds == again.ttl_seconds
+        and requested.expires_at == again.expires_at
+        and closed == again.closed
+        and requested.fork_from == again.fork_from
+        and (again.fork_offset is None or resolved.fork_offset == again.fork_offset)
+        and requested.fork_sub_offset == again.fork_sub_offset
+    )
+
+
+def resolve_fork(config: StreamConfig, source: StreamConfig, source_tail: int) -> tuple[int, StreamConfig]:
+    """Validate a fork request against its source: the fork point and the fork's own config.
+
+    Raises :class:`OffsetOutOfRange`, :class:`InvalidForkSubOffset` or
+    :class:`ContentTypeMismatch`. Expiry follows PROTOCOL.md section 4.2: a fork that asks for none
+    inherits the source's TTL or absolute expiry.
+    """
+    anchor = source_tail if config.fork_offset is None else config.fork_offset
+    if anchor > source_tail:
+        raise OffsetOutOfRange(anchor)
+    point = anchor + config.fork_sub_offset
+    if point > source_tail:
+        raise InvalidForkSubOffset(config.fork_sub_offset)
+    if config.content_type is not None and not same_content_type(config.content_type, source.content_type):
+        raise ContentTypeMismatch(config.content_type)
+    ttl, expires_at = config.ttl_seconds, config.expires_at
+    if ttl is None and expires_at is None:
+        ttl, expires_at = source.ttl_seconds, source.expires_at
+    return point, replace(
+        config,
+        content_type=source.content_type if config.content_type is None else config.content_type,
+        ttl_seconds=ttl,
+        expires_at=expires_at,
+        fork_offset=anchor,
     )

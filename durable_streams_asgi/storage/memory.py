@@ -13,12 +13,15 @@ import itertools
 import time
 from bisect import bisect_right
 from collections.abc import Sequence
+from dataclasses import replace
 
 from .base import (
     AppendRequest,
     AppendResult,
     ContentTypeMismatch,
     CreateResult,
+    ForkSourceGone,
+    ForkSourceNotFound,
     InvalidProducerSeq,
     OffsetOutOfRange,
     ProducerSeqGap,
@@ -28,13 +31,14 @@ from .base import (
     StreamClosed,
     StreamConfig,
     StreamExists,
+    StreamGone,
     StreamInfo,
     StreamNotFound,
 )
 from .base import (
     StorageError as StorageError,  # re-exported for convenience
 )
-from .common import config_matches, is_json_content_type, same_content_type
+from .common import DEFAULT_CONTENT_TYPE, config_matches, is_json_content_type, resolve_fork, same_content_type
 
 # How often expired streams are swept out, at most (seconds). Expiry itself is exact: every
 # access checks the stream's own deadline; the sweep only frees memory of streams nobody reads.
@@ -56,23 +60,47 @@ class _Producer:
 
 class _Stream:
     __slots__ = (
+        "base",
         "changed",
         "chunks",
         "closed",
         "config",
         "deadline",
+        "deleted",
         "ends",
         "is_json",
         "last_seq",
+        "path",
         "producers",
+        "refs",
+        "requested",
+        "source",
         "stream_id",
     )
 
-    def __init__(self, config: StreamConfig, now: float) -> None:
+    def __init__(
+        self,
+        path: str,
+        config: StreamConfig,
+        requested: StreamConfig,
+        now: float,
+        source: _Stream | None = None,
+        base: int = 0,
+    ) -> None:
+        self.path = path
+        #: The configuration in force (content type and expiry resolved, inherited for forks).
         self.config = config
+        #: The configuration as the creating request gave it, for idempotent re-creates.
+        self.requested = requested
         self.is_json = is_json_content_type(config.content_type)
         self.stream_id = f"m{next(_ids)}"
-        # chunks[i] holds positions ends[i-1] .. ends[i]; for JSON streams one message each.
+        # A fork reads positions below ``base`` from ``source`` (shared, never copied).
+        self.source = source
+        self.base = base
+        #: Forks that read from this stream; while any remain, deleting only soft-deletes.
+        self.refs = 0
+        self.deleted = False
+        # chunks[i] holds positions ends[i-1] .. ends[i] (from ``base``); JSON: one message each.
         self.chunks: list[bytes] = []
         self.ends: list[int] = []
         self.closed = False
@@ -84,7 +112,7 @@ class _Stream:
 
     @property
     def tail(self) -> int:
-        return self.ends[-1] if self.ends else 0
+        return self.ends[-1] if self.ends else self.base
 
     def touch(self, now: float) -> None:
         """Reset the sliding TTL (reads and writes do; HEAD does not)."""
@@ -105,6 +133,35 @@ class _Stream:
             self.chunks.append(item)
             self.ends.append(tail)
 
+    def collect(self, position: int, limit: int, max_bytes: int, out: list[bytes], size: int) -> tuple[int, int]:
+        """Append data from ``position`` up to ``limit`` to ``out``, inherited data first.
+
+        Stops once ``size`` reaches ``max_bytes`` (but always delivers something if it can).
+        Returns the position reached and the new size.
+        """
+        if position < self.base:
+            assert self.source is not None
+            position, size = self.source.collect(position, min(limit, self.base), max_bytes, out, size)
+            if position < min(limit, self.base):
+                return position, size  # budget spent inside the inherited range
+        ends, chunks = self.ends, self.chunks
+        index = bisect_right(ends, position)
+        while index < len(ends) and position < limit and (not out or size < max_bytes):
+            chunk = chunks[index]
+            if self.is_json:
+                position = ends[index]
+            else:
+                chunk_start = ends[index] - len(chunk)
+                lo = position - chunk_start
+                hi = min(len(chunk), limit - chunk_start, lo + max(max_bytes - size, 1))
+                if lo or hi < len(chunk):
+                    chunk = chunk[lo:hi]
+                position += len(chunk)
+            out.append(chunk)
+            size += len(chunk)
+            index += 1
+        return position, size
+
     def wake(self) -> None:
         if self.changed is not None:
             if not self.changed.done():
@@ -113,6 +170,7 @@ class _Stream:
 
     def info(self) -> StreamInfo:
         c = self.config
+        assert c.content_type is not None
         return StreamInfo(
             content_type=c.content_type,
             tail=self.tail,
@@ -140,42 +198,71 @@ class MemoryStorage:
         if now < self._next_sweep:
             return
         self._next_sweep = now + _SWEEP_INTERVAL
-        for path in [p for p, s in self._streams.items() if s.expired(now)]:
-            self._drop(path)
+        for stream in [s for s in self._streams.values() if not s.deleted and s.expired(now)]:
+            self._delete(stream)
 
-    def _drop(self, path: str) -> None:
-        stream = self._streams.pop(path)
+    def _delete(self, stream: _Stream) -> None:
+        """Delete (expiry or DELETE): soft while forks read from it, else gone for good."""
         stream.wake()
+        if stream.refs > 0:
+            stream.deleted = True
+            return
+        # Release the chain: a soft-deleted source whose last fork this was goes too.
+        current: _Stream | None = stream
+        while current is not None:
+            if self._streams.get(current.path) is current:
+                del self._streams[current.path]
+            source = current.source
+            current.source = None
+            if source is None:
+                break
+            source.refs -= 1
+            current = source if source.refs == 0 and source.deleted else None
 
-    def _get(self, path: str, now: float) -> _Stream:
+    def _lookup(self, path: str, now: float) -> _Stream | None:
+        """The stream at ``path`` (soft-deleted included), after applying expiry."""
         self._sweep(now)
         stream = self._streams.get(path)
+        if stream is not None and not stream.deleted and stream.expired(now):
+            self._delete(stream)
+            stream = self._streams.get(path)
+        return stream
+
+    def _get(self, path: str, now: float) -> _Stream:
+        stream = self._lookup(path, now)
         if stream is None:
             raise StreamNotFound(path)
-        if stream.expired(now):
-            self._drop(path)
-            raise StreamNotFound(path)
+        if stream.deleted:
+            raise StreamGone(path)
         return stream
 
     # -- Storage -----------------------------------------------------------------------------
 
     async def create(self, path: str, config: StreamConfig, items: Sequence[bytes] = ()) -> CreateResult:
         now = self._now()
-        self._sweep(now)
-        existing = self._streams.get(path)
-        if existing is not None and existing.expired(now):
-            self._drop(path)
-            existing = None
+        existing = self._lookup(path, now)
         if existing is not None:
-            if not config_matches(existing.config, existing.closed, config):
+            if existing.deleted or not config_matches(existing.requested, existing.config, existing.closed, config):
                 raise StreamExists(path)
             existing.touch(now)
             return CreateResult(created=False, info=existing.info())
+        source: _Stream | None = None
+        base = 0
+        resolved = config
         if config.fork_from is not None:
-            raise NotImplementedError("forking is not supported by this storage yet")
-        stream = _Stream(config, now)
+            source = self._lookup(config.fork_from, now)
+            if source is None:
+                raise ForkSourceNotFound(config.fork_from)
+            if source.deleted:
+                raise ForkSourceGone(config.fork_from)
+            base, resolved = resolve_fork(config, source.config, source.tail)
+        elif config.content_type is None:
+            resolved = replace(config, content_type=DEFAULT_CONTENT_TYPE)
+        stream = _Stream(path, resolved, config, now, source, base)
         stream.add(items)
         stream.closed = config.closed
+        if source is not None:
+            source.refs += 1
         self._streams[path] = stream
         return CreateResult(created=True, info=stream.info())
 
@@ -246,33 +333,14 @@ class MemoryStorage:
         if start > tail:
             raise OffsetOutOfRange(start)
         items: list[bytes] = []
-        position = start
-        if start < tail:
-            ends, chunks = stream.ends, stream.chunks
-            index = bisect_right(ends, start)
-            size = 0
-            while index < len(ends) and (not items or size < max_bytes):
-                chunk = chunks[index]
-                if not stream.is_json:
-                    chunk_start = ends[index] - len(chunk)
-                    lo = position - chunk_start
-                    hi = min(len(chunk), lo + max(max_bytes - size, 1))
-                    if lo or hi < len(chunk):
-                        chunk = chunk[lo:hi]
-                    position += len(chunk)
-                else:
-                    position = ends[index]
-                items.append(chunk)
-                size += len(chunk)
-                index += 1
+        position, _ = stream.collect(start, tail, max_bytes, items, 0)
         return ReadResult(info=stream.info(), start=start, next=position, items=items)
 
     async def head(self, path: str) -> StreamInfo:
         return self._get(path, self._now()).info()
 
     async def delete(self, path: str) -> None:
-        self._get(path, self._now())
-        self._drop(path)
+        self._delete(self._get(path, self._now()))
 
     async def wait_for_data(self, path: str, position: int, timeout: float) -> bool:
         try:
@@ -289,4 +357,5 @@ class MemoryStorage:
     async def aclose(self) -> None:
         for stream in self._streams.values():
             stream.wake()
+            stream.source = None
         self._streams.clear()
