@@ -28,14 +28,10 @@ def config_matches(requested: StreamConfig, resolved: StreamConfig, closed: bool
     """Whether a PUT to an existing stream repeats its creation (200) or conflicts (409).
 
     ``requested`` is what the creating PUT asked for and ``resolved`` what the stream got (for a
-    fork, with inherited content type and expiry). A repeat that leaves out the content type of a
-    fork matches the inherited one.
+    fork, with inherited content type and expiry). A repeated fork that leaves out the content type
+    asks to inherit it, which is what the fork has (a mismatch was refused at creation).
     """
-    content_type_ok = (
-        same_content_type(resolved.content_type, again.content_type)
-        if again.content_type is not None
-        else requested.content_type is None
-    )
+    content_type_ok = again.content_type is None or same_content_type(resolved.content_type, again.content_type)
     return (
         content_type_ok
         and requested.ttl_seconds == again.ttl_seconds
