@@ -7,6 +7,7 @@ environment variables, because uvicorn starts each worker by importing :func:`se
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import sys
@@ -27,13 +28,14 @@ MOUNT_PATH = "/v1/stream"
 _ENV_STORAGE = "DURABLE_STREAMS_STORAGE"
 _ENV_LONG_POLL = "DURABLE_STREAMS_LONG_POLL_TIMEOUT"
 _ENV_SSE_DURATION = "DURABLE_STREAMS_SSE_MAX_DURATION"
+_ENV_KEY_PREFIX = "DURABLE_STREAMS_KEY_PREFIX"
 
 
 class UsageError(Exception):
     """A bad command-line value, reported without a traceback."""
 
 
-def make_storage(spec: str) -> Storage:
+def make_storage(spec: str, key_prefix: str = "ds:") -> Storage:
     """``memory`` or a ``redis://`` / ``rediss://`` URL."""
     if spec == "memory":
         return MemoryStorage()
@@ -42,7 +44,10 @@ def make_storage(spec: str) -> Storage:
             from .storage.redis import RedisStorage
         except ImportError as exc:  # pragma: no cover - depends on the installed version
             raise UsageError(f"Redis storage is not available: {exc}") from exc
-        return RedisStorage.from_url(spec)
+        try:
+            return RedisStorage.from_url(spec, key_prefix=key_prefix)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
     raise UsageError(f"unknown storage {spec!r}: use 'memory' or a redis:// URL")
 
 
@@ -69,7 +74,7 @@ def build_app(storage: Storage, *, long_poll_timeout: float = 30.0, sse_max_dura
 def server_app() -> Starlette:
     """uvicorn factory: each worker process builds its app from the environment."""
     return build_app(
-        make_storage(os.environ.get(_ENV_STORAGE, "memory")),
+        make_storage(os.environ.get(_ENV_STORAGE, "memory"), os.environ.get(_ENV_KEY_PREFIX, "ds:")),
         long_poll_timeout=float(os.environ.get(_ENV_LONG_POLL, "30")),
         sse_max_duration=float(os.environ.get(_ENV_SSE_DURATION, "60")),
     )
@@ -94,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--storage", default="memory", help="'memory' (default) or a Redis URL such as redis://localhost:6379/0"
     )
+    serve.add_argument("--key-prefix", default="ds:", help="prefix of every Redis key (default 'ds:')")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (Redis storage only for N > 1)")
     serve.add_argument(
         "--long-poll-timeout", type=_positive_float, default=30.0, help="seconds a long-poll waits (default 30)"
@@ -115,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("--workers must be at least 1")
         if args.storage == "memory" and args.workers > 1:
             raise UsageError("memory storage lives in one process: use --workers 1, or Redis storage")
-        make_storage(args.storage)  # fail fast on a bad value, before any worker starts
+        # Fail fast on a bad value, before any worker starts (nothing connects yet).
+        asyncio.run(make_storage(args.storage, args.key_prefix).aclose())
     except UsageError as exc:
         print(f"durable-streams-asgi: {exc}", file=sys.stderr)
         return 2
@@ -125,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ[_ENV_STORAGE] = args.storage
     os.environ[_ENV_LONG_POLL] = str(args.long_poll_timeout)
     os.environ[_ENV_SSE_DURATION] = str(args.sse_max_duration)
+    os.environ[_ENV_KEY_PREFIX] = args.key_prefix
     uvicorn.run(
         "durable_streams_asgi.cli:server_app",
         factory=True,

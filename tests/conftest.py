@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,7 +22,7 @@ from starlette.routing import Mount
 from durable_streams_asgi import MemoryStorage, durable_streams_app
 from durable_streams_asgi.storage.base import Storage
 
-BACKENDS = ["memory"]
+BACKENDS = ["memory", "redis"]
 
 StorageFactory = Callable[[], Awaitable[Storage]]
 
@@ -27,21 +33,86 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis for the tests: ``REDIS_URL`` when set, else a throwaway ``redis-server`` of our own
+    on a free port in a temp dir. Tests use unique key prefixes and never flush anything."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def redis_server(directory: Path) -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is required for the Redis tests: see README, Prerequisites")
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(directory),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            "--logfile",
+            str(directory / "redis.log"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # readiness: the port answers PING
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"redis-server did not start: {(directory / 'redis.log').read_text()}")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def unique_prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}:"
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
 @pytest.fixture
-async def storage_factory(backend: str) -> AsyncIterator[StorageFactory]:
-    """Makes storages of the parametrised backend (several share data where the backend can)."""
+async def storage_factory(backend: str, request: pytest.FixtureRequest) -> AsyncIterator[StorageFactory]:
+    """Makes storages of the parametrised backend. Redis storages made by one factory share one
+    key prefix, like several processes serving the same streams."""
     made: list[Storage] = []
+    prefix = unique_prefix()
 
     async def make() -> Storage:
         if backend == "memory":
             storage: Storage = MemoryStorage()
-        else:  # pragma: no cover - extended by the Redis backend
-            raise AssertionError(backend)
+        else:
+            from durable_streams_asgi.storage.redis import RedisStorage
+
+            storage = RedisStorage.from_url(request.getfixturevalue("redis_url"), key_prefix=prefix)
         made.append(storage)
         return storage
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import free_port
+from .conftest import free_port, unique_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFORMANCE = ROOT / "conformance"
@@ -36,6 +36,8 @@ def ensure_conformance_installed() -> str:
 @pytest.fixture
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     storage, workers = request.param
+    if storage == "redis":
+        storage = request.getfixturevalue("redis_url")
     port = free_port()
     log = open(tmp_path / "server.log", "wb")
     process = subprocess.Popen(
@@ -50,6 +52,8 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
             storage,
             "--workers",
             str(workers),
+            "--key-prefix",
+            unique_prefix(),
             "--long-poll-timeout",
             str(LONG_POLL_SECONDS),
             "--log-level",
@@ -85,7 +89,7 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     assert "Traceback" not in errors, errors[-5000:]
 
 
-SERVERS = [pytest.param(("memory", 1), id="memory")]
+SERVERS = [pytest.param(("memory", 1), id="memory"), pytest.param(("redis", 2), id="redis-2-workers")]
 
 
 @pytest.mark.timeout(900)

@@ -1,0 +1,234 @@
+"""Per-process live notifier over Redis pub/sub.
+
+One pub/sub connection and one listener task per process, and a map from channel (one per stream)
+to the local waiters. A channel is subscribed when its first local waiter arrives and unsubscribed
+when its last one leaves. All waiters of a channel share one future, resolved (and replaced) by
+each message, so a write costs the same however many readers wait.
+
+Pub/sub only wakes readers; the data is always re-read from Redis. Because a message published
+before a subscription is confirmed is lost, a waiter first waits for the confirmation, then takes
+the channel's future, and only then makes its final "is there new data?" check: no write can slip
+between the check and the wait. When the connection drops, every waiter is woken to re-read (a
+message may have been lost while it was down) and the subscriptions are restored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+logger = logging.getLogger("durable_streams_asgi.notifier")
+
+# How long the listener blocks in one read: bounds how long a silently dead connection goes unseen
+# (redis-py pings the connection between reads once its health check interval has passed).
+_READ_TIMEOUT = 5.0
+_MAX_BACKOFF = 5.0
+
+
+class NotifierUnavailable(Exception):
+    """The subscription could not be confirmed: Redis is unreachable."""
+
+
+class _Channel:
+    __slots__ = ("confirmed", "future", "waiters")
+
+    def __init__(self) -> None:
+        self.waiters = 0
+        self.confirmed = asyncio.Event()
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def wake(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+        self.future = asyncio.get_running_loop().create_future()
+
+
+class _PubSub(PubSub):
+    """redis-py's PubSub, telling us when it (re)connects: it resubscribes on its own, but the
+    messages published while it was away are gone, so our waiters must re-read."""
+
+    on_reconnect: Any = None
+
+    async def on_connect(self, connection: Any) -> None:
+        if self.on_reconnect is not None:
+            self.on_reconnect(list(self.channels))
+        await super().on_connect(connection)
+
+
+class Notifier:
+    """Wake local waiters when a channel gets a message. Create one per process and event loop."""
+
+    def __init__(self, client: Redis) -> None:
+        self._client = client
+        self._channels: dict[bytes, _Channel] = {}
+        # SUBSCRIBE/UNSUBSCRIBE commands sent but not yet confirmed, per channel: a channel counts
+        # as subscribed only once every command for it has been answered.
+        self._outstanding: dict[bytes, int] = {}
+        self._pubsub: _PubSub | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._closed = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- waiting -------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def subscription(self, channel: bytes, confirm_timeout: float = 5.0) -> AsyncIterator[asyncio.Future[None]]:
+        """Hold a subscription to ``channel``; yields the future the next message resolves.
+
+        On entry the subscription is confirmed by Redis, so anything published from then on
+        resolves the yielded future. Raises :class:`NotifierUnavailable` when it cannot be
+        confirmed within ``confirm_timeout`` seconds.
+        """
+        if self._closed:
+            raise NotifierUnavailable("notifier is closed")
+        ch = self._channels.get(channel)
+        if ch is None:
+            ch = self._channels[channel] = _Channel()
+        ch.waiters += 1
+        try:
+            if ch.waiters == 1 and not ch.confirmed.is_set():
+                # Shielded: a waiter cancelled half-way must not leave a command half-counted.
+                await asyncio.shield(self._spawn(self._send("subscribe", channel)))
+            try:
+                await asyncio.wait_for(ch.confirmed.wait(), confirm_timeout)
+            except asyncio.TimeoutError:
+                raise NotifierUnavailable("subscription not confirmed") from None
+            yield ch.future
+        finally:
+            ch.waiters -= 1
+            if ch.waiters == 0 and self._channels.get(channel) is ch:
+                del self._channels[channel]
+                if not self._closed:
+                    self._spawn(self._send("unsubscribe", channel))
+
+    # -- pub/sub plumbing ------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run a subscription command as a task of the notifier's own, not of a waiter."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._command_done)
+        return task
+
+    def _command_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The connection is down: the reconnect resubscribes and wakes everyone.
+            logger.debug("pub/sub command failed: %s", task.exception())
+
+    async def _ensure_pubsub(self) -> _PubSub:
+        if self._pubsub is None:
+            pubsub = _PubSub(self._client.connection_pool)
+            pubsub.on_reconnect = self._on_connect
+            self._pubsub = pubsub
+        return self._pubsub
+
+    async def _send(self, command: str, channel: bytes) -> None:
+        pubsub = await self._ensure_pubsub()
+        self._outstanding[channel] = self._outstanding.get(channel, 0) + 1
+        try:
+            if command == "subscribe":
+                await pubsub.subscribe(channel)
+            else:
+                await pubsub.unsubscribe(channel)
+        except BaseException:
+            # Not sent: no answer will come for it.
+            left = self._outstanding.get(channel, 0) - 1
+            if left > 0:
+                self._outstanding[channel] = left
+            else:
+                self._outstanding.pop(channel, None)
+            raise
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.create_task(self._listen(), name="durable-streams-notifier")
+            self._listener.add_done_callback(self._listener_ended)
+
+    def _on_connect(self, resubscribing: list[bytes]) -> None:
+        """A (re)connection: only the resubscriptions redis-py is about to send are in flight."""
+        self._outstanding = {channel: 1 for channel in resubscribing}
+        if self._channels:
+            logger.warning("pub/sub connection re-established; waking %d live channels", len(self._channels))
+        for ch in self._channels.values():
+            ch.confirmed.clear()
+            ch.wake()  # anything may have been published while we were away: re-read
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        channel: bytes = message["channel"]
+        if kind in ("subscribe", "unsubscribe"):
+            left = self._outstanding.get(channel, 0) - 1
+            if left > 0:
+                self._outstanding[channel] = left
+                return
+            self._outstanding.pop(channel, None)
+            ch = self._channels.get(channel)
+            if ch is not None:
+                if kind == "subscribe":
+                    ch.confirmed.set()
+                else:
+                    # The last command for this channel was an unsubscribe, but waiters came back.
+                    ch.confirmed.clear()
+                    self._spawn(self._send("subscribe", channel))
+            elif kind == "subscribe" and not self._closed:
+                # Resubscribed after a reconnect with nobody left waiting.
+                self._spawn(self._send("unsubscribe", channel))
+        elif kind == "message":
+            ch = self._channels.get(channel)
+            if ch is not None:
+                ch.wake()
+
+    async def _listen(self) -> None:
+        backoff = 0.05
+        while not self._closed:
+            pubsub = self._pubsub
+            if pubsub is None or not pubsub.subscribed:
+                return  # nothing to listen to; the next subscribe starts a new listener
+            try:
+                message = await pubsub.get_message(timeout=_READ_TIMEOUT)
+                backoff = 0.05
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("pub/sub connection lost (%s); reconnecting in %.2fs", exc, backoff)
+                for ch in self._channels.values():
+                    ch.confirmed.clear()
+                    ch.wake()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+                continue
+            if message is not None:
+                self._handle(message)
+
+    def _listener_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self._closed:
+            return
+        exc = task.exception()
+        if exc is not None:
+            # Never die silently: log, wake everyone, and start again.
+            logger.error("pub/sub listener crashed; restarting", exc_info=exc)
+            for ch in self._channels.values():
+                ch.wake()
+            self._listener = asyncio.create_task(self._listen(), name="durable-streams-notifier")
+            self._listener.add_done_callback(self._listener_ended)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._listener
+        for task in list(self._tasks):
+            task.cancel()
+        for ch in self._channels.values():
+            ch.wake()
+        self._channels.clear()
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+            self._pubsub = None

@@ -1,0 +1,76 @@
+-- Append and/or close, validating everything first so that a rejected request changes nothing.
+-- ARGV: 1 media type ('' when no body), 2 close, 3 Stream-Seq, 4 producer id ('' if none),
+--       5 epoch, 6 seq, 7 channel, 8.. items
+local now = now_ms()
+local m = load(KEYS[1])
+local st = state(m, now)
+if st ~= 'ok' then
+  return {st}
+end
+local has_data = #ARGV >= 8
+local close = ARGV[2] == '1'
+local pid = ARGV[4]
+local epoch, pseq = tonumber(ARGV[5]), tonumber(ARGV[6])
+
+-- Producer checks first: a retry of the request that closed the stream is a duplicate, and a
+-- zombie learns it is fenced even after the stream closed.
+if pid ~= '' then
+  local raw = redis.call('HGET', KEYS[3], pid)
+  if not raw then
+    if pseq ~= 0 then
+      return {'gap', '0', ARGV[6]}
+    end
+  else
+    local sep = string.find(raw, ':', 1, true)
+    local cur_epoch, cur_seq = tonumber(string.sub(raw, 1, sep - 1)), tonumber(string.sub(raw, sep + 1))
+    if epoch < cur_epoch then
+      return {'stale', int(cur_epoch)}
+    elseif epoch > cur_epoch then
+      if pseq ~= 0 then
+        return {'badseq'}
+      end
+    elseif pseq <= cur_seq then
+      return {'dup', int(cur_epoch), int(cur_seq), unpack(info(m))}
+    elseif pseq ~= cur_seq + 1 then
+      return {'gap', int(cur_seq + 1), ARGV[6]}
+    end
+  end
+end
+
+if m.closed == '1' then
+  if not has_data and close then
+    touch(m, now)
+    return {'closedok', unpack(info(m))}
+  end
+  return {'closed', m.tail}
+end
+if has_data and ARGV[1] ~= m.mt then
+  return {'ct'}
+end
+if ARGV[3] ~= '' then
+  if m.seq ~= nil and bytes_le(ARGV[3], m.seq) then
+    return {'seq'}
+  end
+  redis.call('HSET', KEYS[1], 'seq', ARGV[3])
+end
+
+local tail = add_items(tonumber(m.tail), m.json == '1', 8)
+m.tail = int(tail)
+local fields = {'tail', m.tail}
+if close then
+  m.closed = '1'
+  table.insert(fields, 'closed'); table.insert(fields, '1')
+end
+redis.call('HSET', KEYS[1], unpack(fields))
+if pid ~= '' then
+  redis.call('HSET', KEYS[3], pid, int(epoch) .. ':' .. int(pseq))
+end
+if m.ttl ~= nil and m.ttl ~= '' then
+  touch(m, now)
+else
+  apply_expiry(m)
+end
+if has_data or close then
+  redis.call('PUBLISH', ARGV[7], m.tail)
+end
+return {'ok', unpack(info(m))}

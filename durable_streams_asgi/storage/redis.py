@@ -1,0 +1,527 @@
+"""Redis storage: Redis Streams hold the data, Lua scripts make every change atomic, pub/sub wakes
+live readers in every process.
+
+Key layout, for a stream at ``path`` (``{...}`` is the hash tag, so one stream's keys share a
+Redis Cluster slot; ``{``, ``}`` and ``%`` in the path are percent-escaped):
+
+=========================  =====================================================================
+``<prefix>{<path>}:m``     hash: content type, tail, closed, TTL/expiry, Stream-Seq, fork origin
+``<prefix>{<path>}:d``     stream: the data, one entry per message (JSON) or per chunk of at most
+                           ``entry_size`` bytes, with entry ID ``<end position>-0``
+``<prefix>{<path>}:p``     hash: producer id -> ``epoch:seq``
+``<prefix>{<path>}:f``     set: the forks that read from this stream (``<fork path>\\n<fork id>``)
+``<prefix>{<path>}:n``     pub/sub channel: a message after every append, close and delete
+=========================  =====================================================================
+
+Each create, append (with its validation of closure, content type, Stream-Seq and producer
+epoch/seq), close, delete and reference change is one Lua script on one stream's keys, so
+concurrent requests in any number of processes never interleave. Time comes from Redis (``TIME``),
+so every process agrees on expiry. A stream with a TTL gets ``PEXPIREAT`` on all its keys; a stream
+that forks read from is kept (``PERSIST``) and expires logically instead (``410``) until its last
+fork is gone.
+
+Forks span slots: a fork takes a reference on its source (a script on the source's slot), then is
+created (a script on its own slot). Inherited data is immutable, so it is read with plain
+``XRANGE`` from the source's keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import BusyLoadingError, ReadOnlyError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from ..notifier import Notifier, NotifierUnavailable
+from .base import (
+    AppendRequest,
+    AppendResult,
+    ContentTypeMismatch,
+    CreateResult,
+    ForkSourceGone,
+    ForkSourceNotFound,
+    InvalidForkSubOffset,
+    InvalidProducerSeq,
+    OffsetOutOfRange,
+    ProducerSeqGap,
+    ReadResult,
+    SequenceConflict,
+    StaleEpoch,
+    StorageError,
+    StorageUnavailable,
+    StreamClosed,
+    StreamConfig,
+    StreamExists,
+    StreamGone,
+    StreamInfo,
+    StreamNotFound,
+)
+from .common import DEFAULT_CONTENT_TYPE, config_matches, is_json_content_type, media_type
+
+logger = logging.getLogger("durable_streams_asgi.redis")
+
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ReadOnlyError, OSError)
+_SCRIPTS = ("create", "append", "read", "head", "delete", "fork_ref", "release")
+
+
+def _load_script(name: str) -> str:
+    lua = resources.files(__package__).joinpath("lua")
+    return lua.joinpath("common.lua").read_text() + "\n" + lua.joinpath(f"{name}.lua").read_text()
+
+
+def _escape(path: str) -> str:
+    return path.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _info(fields: Sequence[bytes]) -> StreamInfo:
+    tail, closed, ct, ttl, exp, sid, is_json = fields[:7]
+    return StreamInfo(
+        content_type=_text(ct),
+        tail=int(tail),
+        closed=closed == b"1",
+        ttl_seconds=int(ttl) if ttl else None,
+        expires_at=int(exp) / 1000 if exp else None,
+        stream_id=_text(sid),
+        is_json=is_json == b"1",
+    )
+
+
+def _fork_origin(fields: Sequence[bytes]) -> tuple[str | None, int]:
+    """(source path, fork point) from the info fields; (None, 0) for a stream that is no fork."""
+    src, base = fields[7], fields[8]
+    return (_text(src) if src else None), int(base or 0)
+
+
+class RedisStorage:
+    """Streams in Redis (>= 6.2, or Valkey), shared by every process that uses the same Redis.
+
+    Build it with :meth:`from_url`, or pass a ``redis.asyncio.Redis`` client created with
+    ``decode_responses=False``. Connections are opened lazily on first use; call :meth:`aclose`
+    on shutdown (the standalone server and the lifespan helper do).
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        key_prefix: str = "ds:",
+        entry_size: int = 512 * 1024,
+        owns_client: bool = False,
+    ) -> None:
+        if "{" in key_prefix or "}" in key_prefix:
+            raise ValueError("key_prefix must not contain '{' or '}' (they mark Redis Cluster hash tags)")
+        self._client = client
+        self._prefix = key_prefix
+        self._entry_size = entry_size
+        self._owns_client = owns_client
+        self._scripts = {name: client.register_script(_load_script(name)) for name in _SCRIPTS}
+        self._notifier: Notifier | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._collecting: set[str] = set()
+
+    @classmethod
+    def from_url(cls, url: str, *, key_prefix: str = "ds:", **redis_options: Any) -> RedisStorage:
+        """``redis://host:port/db``, ``rediss://...`` (TLS) or ``unix://...``.
+
+        Defaults fail fast when Redis is down (requests then get 503 with Retry-After) and
+        reconnect by themselves when it returns; ``redis_options`` override them.
+        """
+        options: dict[str, Any] = {
+            "socket_connect_timeout": 2.0,
+            "socket_timeout": 10.0,
+            "health_check_interval": 15,
+            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+            "max_connections": 512,
+        }
+        options.update(redis_options)
+        options["decode_responses"] = False
+        return cls(Redis.from_url(url, **options), key_prefix=key_prefix, owns_client=True)
+
+    @property
+    def client(self) -> Redis:
+        return self._client
+
+    # -- keys and plumbing -----------------------------------------------------------------------
+
+    def _keys(self, path: str) -> list[str]:
+        base = f"{self._prefix}{{{_escape(path)}}}"
+        return [f"{base}:m", f"{base}:d", f"{base}:p", f"{base}:f"]
+
+    def _channel(self, path: str) -> bytes:
+        return f"{self._prefix}{{{_escape(path)}}}:n".encode()
+
+    async def _call(self, script: str, path: str, *args: Any) -> list[Any]:
+        try:
+            return await self._scripts[script](keys=self._keys(path), args=args)
+        except _UNAVAILABLE as exc:
+            raise StorageUnavailable(str(exc)) from exc
+
+    async def _command(self, *args: Any) -> Any:
+        try:
+            return await self._client.execute_command(*args)
+        except _UNAVAILABLE as exc:
+            raise StorageUnavailable(str(exc)) from exc
+
+    def _status_error(self, status: bytes, path: str) -> StorageError:
+        if status == b"gone":
+            self._collect_later(path)
+            return StreamGone(path)
+        return StreamNotFound(path)
+
+    def _entries(self, items: Sequence[bytes], is_json: bool) -> list[bytes]:
+        """Items as stored entries: JSON messages as they are, bytes in bounded chunks."""
+        if is_json:
+            return [item for item in items if item]
+        size = self._entry_size
+        out: list[bytes] = []
+        for item in items:
+            if len(item) <= size:
+                if item:
+                    out.append(item)
+            else:
+                view = memoryview(item)
+                out.extend(bytes(view[i : i + size]) for i in range(0, len(item), size))
+        return out
+
+    # -- create ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _request_record(config: StreamConfig, fork_offset: int | None) -> str:
+        return json.dumps(
+            {
+                "ct": config.content_type,
+                "ttl": config.ttl_seconds,
+                "exp": config.expires_at,
+                "src": config.fork_from,
+                "off": fork_offset,
+                "sub": config.fork_sub_offset,
+            },
+            separators=(",", ":"),
+        )
+
+    def _existing(self, result: list[Any], config: StreamConfig) -> CreateResult:
+        status, record = result[0], json.loads(result[1] or b"{}")
+        if status != b"ok":
+            raise StreamExists("soft-deleted stream at this path")
+        info = _info(result[2:])
+        requested = StreamConfig(
+            content_type=record.get("ct"),
+            ttl_seconds=record.get("ttl"),
+            expires_at=record.get("exp"),
+            fork_from=record.get("src"),
+            fork_sub_offset=record.get("sub", 0),
+        )
+        resolved = replace(requested, content_type=info.content_type, fork_offset=record.get("off"))
+        if not config_matches(requested, resolved, info.closed, config):
+            raise StreamExists("stream exists with a different configuration")
+        return CreateResult(created=False, info=info)
+
+    async def create(self, path: str, config: StreamConfig, items: Sequence[bytes] = ()) -> CreateResult:
+        if config.fork_from is not None:
+            return await self._create_fork(path, config, items)
+        content_type = config.content_type or DEFAULT_CONTENT_TYPE
+        return await self._create(path, config, content_type, config.ttl_seconds, config.expires_at, items)
+
+    async def _create(
+        self,
+        path: str,
+        config: StreamConfig,
+        content_type: str,
+        ttl: int | None,
+        expires_at: float | None,
+        items: Sequence[bytes],
+        *,
+        stream_id: str | None = None,
+        base: int = 0,
+        fork_offset: int | None = None,
+    ) -> CreateResult:
+        is_json = is_json_content_type(content_type)
+        result = await self._call(
+            "create",
+            path,
+            stream_id or uuid.uuid4().hex[:16],
+            content_type,
+            media_type(content_type),
+            "1" if is_json else "0",
+            "" if ttl is None else str(ttl),
+            "" if expires_at is None else str(round(expires_at * 1000)),
+            "1" if config.closed else "0",
+            self._request_record(config, fork_offset),
+            config.fork_from or "",
+            str(base),
+            *self._entries(items, is_json),
+        )
+        if result[0] == b"created":
+            return CreateResult(created=True, info=_info(result[2:]))
+        return self._existing(result, config)
+
+    async def _create_fork(self, path: str, config: StreamConfig, items: Sequence[bytes]) -> CreateResult:
+        assert config.fork_from is not None
+        source = config.fork_from
+        # An existing stream at the path answers without touching the source.
+        existing = await self._call("head", path)
+        if existing[0] != b"missing":
+            return self._existing(existing, config)
+        stream_id = uuid.uuid4().hex[:16]
+        member = f"{path}\n{stream_id}"
+        ref = await self._call(
+            "fork_ref",
+            source,
+            member,
+            "" if config.fork_offset is None else str(config.fork_offset),
+            str(config.fork_sub_offset),
+            "" if config.content_type is None else media_type(config.content_type),
+        )
+        status = ref[0]
+        if status != b"ok":
+            if status == b"gone":
+                raise ForkSourceGone(source)
+            if status == b"range":
+                raise OffsetOutOfRange(config.fork_offset or 0)
+            if status == b"sub":
+                raise InvalidForkSubOffset(config.fork_sub_offset)
+            if status == b"ct":
+                raise ContentTypeMismatch(config.content_type)
+            raise ForkSourceNotFound(source)
+        anchor, point = int(ref[1]), int(ref[2])
+        content_type = _text(ref[3])
+        ttl, expires_at = config.ttl_seconds, config.expires_at
+        if ttl is None and expires_at is None:  # inherit the source's (PROTOCOL.md 4.2)
+            ttl = int(ref[5]) if ref[5] else None
+            expires_at = int(ref[6]) / 1000 if ref[6] else None
+        try:
+            result = await self._create(
+                path, config, content_type, ttl, expires_at, items, stream_id=stream_id, base=point, fork_offset=anchor
+            )
+        except BaseException:
+            await self._release_quietly(source, member)
+            raise
+        if not result.created:
+            await self._release_quietly(source, member)  # lost a race to an identical create
+        return result
+
+    # -- append ----------------------------------------------------------------------------------
+
+    async def append(self, path: str, request: AppendRequest) -> AppendResult:
+        producer = request.producer
+        has_data = any(request.items)
+        is_json = is_json_content_type(request.content_type)
+        result = await self._call(
+            "append",
+            path,
+            media_type(request.content_type) if has_data else "",
+            "1" if request.close else "0",
+            request.seq or "",
+            producer.id if producer else "",
+            str(producer.epoch) if producer else "0",
+            str(producer.seq) if producer else "0",
+            self._channel(path),
+            *(self._entries(request.items, is_json) if has_data else ()),
+        )
+        status = result[0]
+        if status == b"ok":
+            return AppendResult(
+                _info(result[1:]),
+                producer_epoch=producer.epoch if producer else None,
+                producer_seq=producer.seq if producer else None,
+            )
+        if status == b"dup":
+            return AppendResult(
+                _info(result[3:]), duplicate=True, producer_epoch=int(result[1]), producer_seq=int(result[2])
+            )
+        if status == b"closedok":
+            return AppendResult(_info(result[1:]), duplicate=True)
+        if status == b"closed":
+            raise StreamClosed(int(result[1]))
+        if status == b"ct":
+            raise ContentTypeMismatch(request.content_type)
+        if status == b"seq":
+            raise SequenceConflict(request.seq)
+        if status == b"stale":
+            raise StaleEpoch(int(result[1]))
+        if status == b"badseq":
+            raise InvalidProducerSeq(producer.seq if producer else 0)
+        if status == b"gap":
+            raise ProducerSeqGap(expected=int(result[1]), received=int(result[2]))
+        raise self._status_error(status, path)
+
+    # -- read ------------------------------------------------------------------------------------
+
+    async def read(self, path: str, start: int | None, max_bytes: int) -> ReadResult:
+        result = await self._call("read", path, "" if start is None else str(start), str(max_bytes), "1")
+        status = result[0]
+        if status == b"range":
+            raise OffsetOutOfRange(start or 0)
+        if status != b"ok":
+            raise self._status_error(status, path)
+        position = int(result[1])
+        info = _info(result[2:11])
+        source, base = _fork_origin(result[2:11])
+        items: list[bytes] = []
+        size = 0
+        if position < base:
+            assert source is not None
+            position, size = await self._read_range(source, position, base, info.is_json, max_bytes, items, size)
+            if position == base and size < max_bytes:
+                position, size = await self._read_own(path, position, info.tail, info.is_json, max_bytes, items, size)
+        else:
+            entries = result[11:]
+            for i in range(0, len(entries), 2):
+                position, size = self._take(
+                    entries[i], entries[i + 1], position, info.tail, info.is_json, max_bytes, items, size
+                )
+        return ReadResult(info=info, start=int(result[1]), next=position, items=items)
+
+    @staticmethod
+    def _take(
+        entry_id: bytes, data: bytes, position: int, limit: int, is_json: bool, budget: int, out: list[bytes], size: int
+    ) -> tuple[int, int]:
+        """Add the part of one entry from ``position`` to ``limit`` (and within budget) to ``out``."""
+        end = int(entry_id.split(b"-", 1)[0])
+        if end <= position or position >= limit:
+            return position, size
+        if is_json:
+            out.append(data)
+            return end, size + len(data)
+        entry_start = end - len(data)
+        lo = position - entry_start
+        hi = min(len(data), limit - entry_start, lo + max(budget - size, 1))
+        piece = data if lo == 0 and hi == len(data) else data[lo:hi]
+        out.append(piece)
+        return position + len(piece), size + len(piece)
+
+    async def _read_own(
+        self, path: str, position: int, limit: int, is_json: bool, budget: int, out: list[bytes], size: int
+    ) -> tuple[int, int]:
+        """Plain XRANGE reads of ``path``'s own entries: data below a snapshot tail is immutable."""
+        key = self._keys(path)[1]
+        count = 16
+        while position < limit and (not out or size < budget):
+            entries = await self._command("XRANGE", key, f"({position}", "+", "COUNT", count)
+            if not entries:
+                break
+            before = size
+            for entry_id, fields in entries:
+                position, size = self._take(entry_id, fields[b"d"], position, limit, is_json, budget, out, size)
+                if position >= limit or size >= budget:
+                    break
+            # Size the next batch by what these entries weighed.
+            average = max(1, (size - before) // len(entries))
+            count = max(1, min(512, (budget - size) // average + 1))
+        return position, size
+
+    async def _read_range(
+        self, path: str, position: int, limit: int, is_json: bool, budget: int, out: list[bytes], size: int
+    ) -> tuple[int, int]:
+        """Data of stream ``path`` (itself maybe a fork) from ``position`` up to ``limit``."""
+        meta = self._keys(path)[0]
+        source, base = await self._command("HMGET", meta, "src", "base")
+        base = int(base or 0)
+        if position < base and source:
+            position, size = await self._read_range(
+                _text(source), position, min(limit, base), is_json, budget, out, size
+            )
+            if position < min(limit, base):
+                return position, size
+        return await self._read_own(path, position, limit, is_json, budget, out, size)
+
+    async def head(self, path: str) -> StreamInfo:
+        result = await self._call("head", path)
+        if result[0] != b"ok":
+            raise self._status_error(result[0], path)
+        return _info(result[2:])
+
+    # -- delete and fork references --------------------------------------------------------------
+
+    async def delete(self, path: str) -> None:
+        result = await self._call("delete", path, self._channel(path))
+        status = result[0]
+        if status == b"soft":
+            return
+        if status != b"deleted":
+            raise self._status_error(status, path)
+        if result[1]:
+            await self._release(_text(result[1]), f"{path}\n{_text(result[2])}")
+
+    async def _release(self, source: str, member: str) -> None:
+        """Drop a fork's reference on ``source``, cascading up the chain as sources go."""
+        while True:
+            result = await self._call("release", source, member)
+            if result[0] != b"deleted" or not result[1]:
+                return
+            member = f"{source}\n{_text(result[2])}"
+            source = _text(result[1])
+
+    async def _release_quietly(self, source: str, member: str) -> None:
+        try:
+            await self._release(source, member)
+        except Exception:
+            logger.warning("could not release fork reference %r on %r; it is collected later", member, source)
+
+    def _collect_later(self, path: str) -> None:
+        """A gone stream may be held only by forks that expired (Redis drops those keys silently):
+        check its references in the background and clean it up when none is left."""
+        if path in self._collecting:
+            return
+        self._collecting.add(path)
+        task = asyncio.ensure_future(self._collect(path))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _collect(self, path: str) -> None:
+        try:
+            members = await self._command("SMEMBERS", self._keys(path)[3])
+            for raw in members:
+                fork_path, _, fork_id = _text(raw).partition("\n")
+                current = await self._command("HGET", self._keys(fork_path)[0], "id")
+                if current is None or _text(current) != fork_id:
+                    await self._release(path, _text(raw))
+        except Exception as exc:
+            logger.debug("fork reference collection for %r failed: %s", path, exc)
+        finally:
+            self._collecting.discard(path)
+
+    # -- live ------------------------------------------------------------------------------------
+
+    async def wait_for_data(self, path: str, position: int, timeout: float) -> bool:
+        if self._notifier is None:
+            self._notifier = Notifier(self._client)
+        try:
+            async with self._notifier.subscription(self._channel(path), confirm_timeout=min(5.0, timeout)) as changed:
+                # Subscribed (and confirmed) before this final check: no write can slip between.
+                try:
+                    info = await self.head(path)
+                except (StreamNotFound, StreamGone):
+                    return True
+                if info.tail > position or info.closed:
+                    return True
+                done, _ = await asyncio.wait((changed,), timeout=timeout)
+                return bool(done)
+        except NotifierUnavailable as exc:
+            raise StorageUnavailable(str(exc)) from exc
+
+    async def aclose(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self._notifier is not None:
+            await self._notifier.aclose()
+            self._notifier = None
+        if self._owns_client:
+            with contextlib.suppress(Exception):
+                await self._client.aclose()
