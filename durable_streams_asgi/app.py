@@ -419,11 +419,15 @@ class DurableStreamsASGI:
         options = self.options
         client_cursor = request.query.get("cursor")
         deadline = time.monotonic() + options.sse_max_duration
+        told_up_to_date = False
         while True:
             if result.items:
                 payload = join_messages(result.items) if result.info.is_json else b"".join(result.items)
                 yield sse.data_event(payload, base64_encode=encode)
-            if result.items or result.up_to_date:
+            # A control event follows every data event; with no data, only the first time the
+            # reader is caught up (or at EOF): a wake-up that found nothing new says nothing.
+            if result.items or result.at_end or (result.up_to_date and not told_up_to_date):
+                told_up_to_date = result.up_to_date
                 cursor = offsets.next_cursor(client_cursor)
                 client_cursor = cursor
                 yield sse.control_event(

@@ -22,6 +22,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 logger = logging.getLogger("durable_streams_asgi.notifier")
 
@@ -50,8 +52,8 @@ class _Channel:
 
 
 class _PubSub(PubSub):
-    """redis-py's PubSub, telling us when it (re)connects: it resubscribes on its own, but the
-    messages published while it was away are gone, so our waiters must re-read."""
+    """redis-py's PubSub, telling us if it ever reconnects by itself (it resubscribes, but what
+    was published meanwhile is gone, so our waiters must re-read)."""
 
     on_reconnect: Any = None
 
@@ -95,6 +97,8 @@ class Notifier:
             if ch.waiters == 1 and not ch.confirmed.is_set():
                 # Shielded: a waiter cancelled half-way must not leave a command half-counted.
                 await asyncio.shield(self._spawn(self._send("subscribe", channel)))
+            else:
+                self._ensure_listener()
             try:
                 await asyncio.wait_for(ch.confirmed.wait(), confirm_timeout)
             except asyncio.TimeoutError:
@@ -108,52 +112,54 @@ class Notifier:
                     self._spawn(self._send("unsubscribe", channel))
 
     # -- pub/sub plumbing ------------------------------------------------------------------------
+    #
+    # Only the listener task connects. Each connection is a generation: the listener opens it,
+    # subscribes every channel that has waiters in one command, reads until anything fails, then
+    # wakes every waiter, drops the connection and starts a new generation. Waiters' own
+    # SUBSCRIBE/UNSUBSCRIBE commands go out on the current generation when there is one; if one
+    # fails, the next generation resubscribes what is needed.
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run a subscription command as a task of the notifier's own, not of a waiter."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._command_done)
+        task.add_done_callback(self._tasks.discard)
         return task
 
-    def _command_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            # The connection is down: the reconnect resubscribes and wakes everyone.
-            logger.debug("pub/sub command failed: %s", task.exception())
-
-    async def _ensure_pubsub(self) -> _PubSub:
-        if self._pubsub is None:
-            pubsub = _PubSub(self._client.connection_pool)
-            pubsub.on_reconnect = self._on_connect
-            self._pubsub = pubsub
-        return self._pubsub
+    def _ensure_listener(self) -> None:
+        if not self._closed and (self._listener is None or self._listener.done()):
+            self._listener = asyncio.create_task(self._listen(), name="durable-streams-notifier")
+            self._listener.add_done_callback(self._listener_ended)
 
     async def _send(self, command: str, channel: bytes) -> None:
-        pubsub = await self._ensure_pubsub()
+        self._ensure_listener()
+        pubsub = self._pubsub
+        if pubsub is None:
+            return  # between generations: the next one subscribes every channel with waiters
         self._outstanding[channel] = self._outstanding.get(channel, 0) + 1
         try:
             if command == "subscribe":
                 await pubsub.subscribe(channel)
             else:
                 await pubsub.unsubscribe(channel)
-        except BaseException:
-            # Not sent: no answer will come for it.
-            left = self._outstanding.get(channel, 0) - 1
-            if left > 0:
-                self._outstanding[channel] = left
-            else:
-                self._outstanding.pop(channel, None)
-            raise
-        if self._listener is None or self._listener.done():
-            self._listener = asyncio.create_task(self._listen(), name="durable-streams-notifier")
-            self._listener.add_done_callback(self._listener_ended)
+        except Exception as exc:
+            # Not sent, so no answer will come; the listener's read fails too and reconnects.
+            if self._pubsub is pubsub:
+                left = self._outstanding.get(channel, 0) - 1
+                if left > 0:
+                    self._outstanding[channel] = left
+                else:
+                    self._outstanding.pop(channel, None)
+            logger.debug("pub/sub %s failed: %s", command, exc)
 
     def _on_connect(self, resubscribing: list[bytes]) -> None:
-        """A (re)connection: only the resubscriptions redis-py is about to send are in flight."""
+        """redis-py reconnected on its own and is resubscribing ``resubscribing``."""
         self._outstanding = {channel: 1 for channel in resubscribing}
+        self._wake_all("pub/sub connection re-established")
+
+    def _wake_all(self, why: str) -> None:
         if self._channels:
-            logger.warning("pub/sub connection re-established; waking %d live channels", len(self._channels))
+            logger.warning("%s; waking waiters on %d channels to re-read", why, len(self._channels))
         for ch in self._channels.values():
             ch.confirmed.clear()
             ch.wake()  # anything may have been published while we were away: re-read
@@ -175,47 +181,65 @@ class Notifier:
                     # The last command for this channel was an unsubscribe, but waiters came back.
                     ch.confirmed.clear()
                     self._spawn(self._send("subscribe", channel))
-            elif kind == "subscribe" and not self._closed:
-                # Resubscribed after a reconnect with nobody left waiting.
+            elif kind == "subscribe":
+                # Subscribed with nobody left waiting (they left while it was in flight).
                 self._spawn(self._send("unsubscribe", channel))
         elif kind == "message":
             ch = self._channels.get(channel)
             if ch is not None:
                 ch.wake()
 
+    async def _connect(self) -> _PubSub:
+        pubsub = _PubSub(self._client.connection_pool)
+        try:
+            await pubsub.connect()
+            assert pubsub.connection is not None
+            # Failures surface to the listener, which starts a new generation: redis-py must not
+            # retry or reconnect behind our back.
+            pubsub.connection.retry = Retry(NoBackoff(), 0)
+            self._outstanding = {}
+            channels = list(self._channels)
+            if channels:
+                self._outstanding = {channel: 1 for channel in channels}
+                await pubsub.subscribe(*channels)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+            raise
+        pubsub.on_reconnect = self._on_connect
+        return pubsub
+
     async def _listen(self) -> None:
         backoff = 0.05
         while not self._closed:
-            pubsub = self._pubsub
-            if pubsub is None or not pubsub.subscribed:
-                return  # nothing to listen to; the next subscribe starts a new listener
             try:
-                message = await pubsub.get_message(timeout=_READ_TIMEOUT)
+                self._pubsub = await self._connect()
                 backoff = 0.05
+                while True:
+                    message = await self._pubsub.get_message(timeout=_READ_TIMEOUT)
+                    if message is not None:
+                        self._handle(message)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                logger.warning("pub/sub connection lost (%s); reconnecting in %.2fs", exc, backoff)
-                for ch in self._channels.values():
-                    ch.confirmed.clear()
-                    ch.wake()
+                pubsub, self._pubsub = self._pubsub, None
+                self._outstanding = {}
+                self._wake_all(f"pub/sub connection lost ({exc}); reconnecting in {backoff:.2f}s")
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
-                continue
-            if message is not None:
-                self._handle(message)
 
     def _listener_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or self._closed:
             return
         exc = task.exception()
-        if exc is not None:
-            # Never die silently: log, wake everyone, and start again.
-            logger.error("pub/sub listener crashed; restarting", exc_info=exc)
-            for ch in self._channels.values():
-                ch.wake()
-            self._listener = asyncio.create_task(self._listen(), name="durable-streams-notifier")
-            self._listener.add_done_callback(self._listener_ended)
+        # Never die silently: log, wake everyone, and start again.
+        logger.error("pub/sub listener stopped unexpectedly; restarting", exc_info=exc)
+        self._pubsub = None
+        self._wake_all("pub/sub listener restarted")
+        self._ensure_listener()
 
     async def aclose(self) -> None:
         self._closed = True

@@ -1,0 +1,279 @@
+"""Redis-only behaviour: several processes, pub/sub failures, Redis outages, the key layout."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+from redis.crc import key_slot
+
+from durable_streams_asgi.storage.base import AppendRequest, StorageUnavailable, StreamConfig
+from durable_streams_asgi.storage.redis import RedisStorage
+
+from .conftest import free_port, make_host_app, redis_server, running_server, unique_prefix
+from .test_http import sse_events
+
+TEXT = {"Content-Type": "text/plain"}
+
+
+def start_server(redis_url: str, prefix: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "durable_streams_asgi.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--storage",
+            redis_url,
+            "--key-prefix",
+            prefix,
+            "--long-poll-timeout",
+            "10",
+            "--log-level",
+            "warning",
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:  # readiness: the health check answers
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"server did not start: {log.read_text()}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def two_servers(redis_url: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """Two server processes on different ports sharing one Redis (and one key prefix)."""
+    prefix = unique_prefix()
+    a, url_a = start_server(redis_url, prefix, tmp_path / "a.log")
+    b, url_b = start_server(redis_url, prefix, tmp_path / "b.log")
+    try:
+        yield f"{url_a}/v1/stream", f"{url_b}/v1/stream"
+    finally:
+        for process in (a, b):
+            process.terminate()
+            process.wait(timeout=10)
+    for name in ("a.log", "b.log"):
+        assert "Traceback" not in (tmp_path / name).read_text()
+
+
+@pytest.mark.parametrize(
+    ("content_type", "chunks", "expected"),
+    [
+        ("text/plain", [b"hello", b" world"], b" world"),
+        ("application/json", [b'{"n":1}', b"[2,3]"], b"[2,3]"),
+        ("application/octet-stream", [bytes(range(256)), b"\x00\xff"], b"\x00\xff"),
+    ],
+)
+async def test_long_poll_on_one_process_wakes_on_append_through_another(
+    two_servers: tuple[str, str], content_type: str, chunks: list[bytes], expected: bytes
+) -> None:
+    a, b = two_servers
+    async with httpx.AsyncClient(timeout=20) as client:
+        r = await client.put(f"{a}/x", headers={"Content-Type": content_type}, content=chunks[0])
+        tail = r.headers["stream-next-offset"]
+        poll = asyncio.create_task(client.get(f"{b}/x", params={"offset": tail, "live": "long-poll"}))
+        await asyncio.sleep(0.2)  # let the poll reach its wait; correctness does not depend on it
+        started = time.monotonic()
+        await client.post(f"{a}/x", headers={"Content-Type": content_type}, content=chunks[1])
+        r = await asyncio.wait_for(poll, 15)
+        assert time.monotonic() - started < 5  # woken by pub/sub, not by the 10 s timeout
+    assert r.status_code == 200
+    if content_type == "application/json":
+        assert json.loads(r.content) == [2, 3]
+    else:
+        assert r.content == expected
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/octet-stream"])
+async def test_sse_on_one_process_follows_writes_and_close_through_another(
+    two_servers: tuple[str, str], content_type: str
+) -> None:
+    a, b = two_servers
+    payloads = [b'{"i":1}', b'{"i":2}'] if content_type == "application/json" else [b"\x01\x02", b"\xfe\xff"]
+    received: list[bytes] = []
+    async with httpx.AsyncClient(timeout=20) as client:
+        await client.put(f"{a}/s", headers={"Content-Type": content_type})
+        async with client.stream("GET", f"{b}/s", params={"offset": "-1", "live": "sse"}) as response:
+            controls = 0
+            async for event, data in sse_events(response):
+                if event == "control":
+                    controls += 1
+                    if controls <= len(payloads):
+                        close = {"Stream-Closed": "true"} if controls == len(payloads) else {}
+                        await client.post(
+                            f"{a}/s", headers={"Content-Type": content_type, **close}, content=payloads[controls - 1]
+                        )
+                    else:
+                        assert json.loads(data)["streamClosed"] is True
+                elif content_type == "application/json":
+                    received.extend(json.dumps(m, separators=(",", ":")).encode() for m in json.loads(data))
+                else:
+                    received.append(base64.b64decode(data.replace("\n", "")))
+    assert received == payloads
+
+
+async def test_producer_requests_racing_across_processes_apply_once(two_servers: tuple[str, str]) -> None:
+    a, b = two_servers
+    headers = {**TEXT, "Producer-Id": "p", "Producer-Epoch": "0"}
+    async with httpx.AsyncClient(timeout=20) as client:
+        await client.put(f"{a}/p", headers=TEXT)
+        await client.post(f"{a}/p", headers={**headers, "Producer-Seq": "0"}, content=b"0")
+        results = await asyncio.gather(
+            *(
+                client.post(f"{a if i % 2 else b}/p", headers={**headers, "Producer-Seq": "1"}, content=b"1")
+                for i in range(20)
+            )
+        )
+        assert sorted(r.status_code for r in results) == [200] + [204] * 19
+        assert (await client.get(f"{b}/p")).content == b"01"
+
+
+async def wait_subscribed(admin: Redis, storage: RedisStorage, path: str) -> None:
+    """Until the reader's subscription for ``path`` exists on the server (the event to kill it)."""
+    channel = storage._channel(path)
+    deadline = time.monotonic() + 10
+    while (await admin.pubsub_numsub(channel))[0][1] < 1:
+        assert time.monotonic() < deadline, "reader never subscribed"
+        await asyncio.sleep(0.02)
+
+
+async def test_waiters_still_wake_after_the_pubsub_connection_is_killed(redis_url: str) -> None:
+    prefix = unique_prefix()
+    reader = RedisStorage.from_url(redis_url, key_prefix=prefix)
+    writer = RedisStorage.from_url(redis_url, key_prefix=prefix)
+    admin = Redis.from_url(redis_url)
+    try:
+        await writer.create("/k", StreamConfig(content_type="text/plain"))
+        app = make_host_app(reader, long_poll_timeout=30, sse_max_duration=60)
+        async with running_server(app) as url, httpx.AsyncClient(base_url=f"{url}/v1/stream", timeout=30) as c:
+            async with c.stream("GET", "/k", params={"offset": "-1", "live": "sse"}) as response:
+                events = sse_events(response)
+                for round_ in range(3):
+                    event, _ = await asyncio.wait_for(anext(events), 10)
+                    assert event == "control"  # caught up: the reader now waits on pub/sub
+                    await wait_subscribed(admin, reader, "/k")
+                    killed = await admin.client_kill_filter(_type="pubsub")
+                    assert killed >= 1
+                    started = time.monotonic()
+                    await writer.append("/k", AppendRequest(content_type="text/plain", items=[f"m{round_}".encode()]))
+                    event, data = await asyncio.wait_for(anext(events), 10)
+                    assert (event, data) == ("data", f"m{round_}")
+                    # Far sooner than the 15 s keep-alive that would otherwise re-check.
+                    assert time.monotonic() - started < 5
+    finally:
+        await admin.aclose()
+        await reader.aclose()
+        await writer.aclose()
+
+
+@pytest.fixture
+async def outage_redis(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    """A Redis of this test's own, which the test may stop and restart."""
+    (tmp_path / "r1").mkdir()
+    with redis_server(tmp_path / "r1") as url:
+        yield url, tmp_path
+
+
+async def test_redis_outage_gives_503_and_recovers(outage_redis: tuple[str, Path]) -> None:
+    url, tmp_path = outage_redis
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    storage = RedisStorage.from_url(url, key_prefix=unique_prefix())
+    app = make_host_app(storage, long_poll_timeout=2)
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t/v1/stream") as c:
+            assert (await c.put("/o", headers=TEXT, content=b"before")).status_code == 201
+            # Stop Redis (SHUTDOWN NOSAVE: it keeps nothing, like a crash of a cache node).
+            admin = Redis.from_url(url)
+            with contextlib.suppress(Exception):  # the connection may drop as it shuts down
+                await admin.shutdown(nosave=True)
+            await admin.aclose()
+            for method, path, kwargs in (
+                ("POST", "/o", {"headers": TEXT, "content": b"x"}),
+                ("GET", "/o", {}),
+                ("HEAD", "/o", {}),
+                ("PUT", "/new", {"headers": TEXT}),
+                ("GET", "/o?offset=now&live=long-poll", {}),
+            ):
+                started = time.monotonic()
+                r = await c.request(method, path, **kwargs)
+                assert r.status_code == 503, (method, path, r.status_code, r.text)
+                assert r.headers["retry-after"] == "1"
+                assert time.monotonic() - started < 8  # fails fast, does not hang
+            with pytest.raises(StorageUnavailable):
+                await storage.head("/o")
+            # Redis returns (empty: it kept nothing): the same storage object recovers by itself.
+            process = await asyncio.create_subprocess_exec(
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(tmp_path),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                deadline = time.monotonic() + 10
+                while True:
+                    r = await c.put("/after", headers=TEXT, content=b"ok")
+                    if r.status_code == 201 or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.1)
+                assert r.status_code == 201
+                assert (await c.get("/after")).content == b"ok"
+            finally:
+                process.terminate()
+                await process.wait()
+    finally:
+        await storage.aclose()
+
+
+async def test_keys_share_one_hash_tag_and_prefix(redis_url: str) -> None:
+    prefix = unique_prefix()
+    storage = RedisStorage.from_url(redis_url, key_prefix=prefix)
+    admin = Redis.from_url(redis_url)
+    try:
+        await storage.create("/a/{weird}%path", StreamConfig(content_type="text/plain", ttl_seconds=60), [b"x"])
+        await storage.append("/a/{weird}%path", AppendRequest(content_type="text/plain", items=[b"y"]))
+        keys = sorted(k.decode() for k in await admin.keys(f"{prefix}*"))
+        tag = "{/a/%7Bweird%7D%25path}"
+        assert keys == [f"{prefix}{tag}:d", f"{prefix}{tag}:m"]
+        for key in keys:  # every key of a TTL stream expires with it
+            assert 0 < await admin.pttl(key) <= 60_000
+        assert len({key_slot(k.encode()) for k in keys}) == 1  # one Redis Cluster slot
+    finally:
+        await admin.aclose()
+        await storage.aclose()
+
+
+def test_key_prefix_must_not_contain_hash_tag_braces(redis_url: str) -> None:
+    with pytest.raises(ValueError):
+        RedisStorage.from_url(redis_url, key_prefix="bad{prefix}:")
