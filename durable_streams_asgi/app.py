@@ -421,21 +421,26 @@ class DurableStreamsASGI:
         deadline = time.monotonic() + options.sse_max_duration
         told_up_to_date = False
         while True:
+            # A control event follows every data event, in the same write so that no reader
+            # ever sees one without the other; with no data, a control event goes out only the
+            # first time the reader is caught up (or at EOF): a wake-up that found nothing new
+            # says nothing.
+            chunk = b""
             if result.items:
                 payload = join_messages(result.items) if result.info.is_json else b"".join(result.items)
-                yield sse.data_event(payload, base64_encode=encode)
-            # A control event follows every data event; with no data, only the first time the
-            # reader is caught up (or at EOF): a wake-up that found nothing new says nothing.
+                chunk = sse.data_event(payload, base64_encode=encode)
             if result.items or result.at_end or (result.up_to_date and not told_up_to_date):
                 told_up_to_date = result.up_to_date
                 cursor = offsets.next_cursor(client_cursor)
                 client_cursor = cursor
-                yield sse.control_event(
+                chunk += sse.control_event(
                     offsets.encode_offset(result.next),
                     cursor=cursor,
                     up_to_date=result.up_to_date,
                     closed=result.at_end,
                 )
+            if chunk:
+                yield chunk
             if result.at_end:
                 return
             position = result.next

@@ -33,63 +33,90 @@ def ensure_conformance_installed() -> str:
     return npx
 
 
+def spawn(args: list[str], log: Path, ready_url: str) -> subprocess.Popen[bytes]:
+    """Start a process and wait until ``ready_url`` answers 200."""
+    process = subprocess.Popen([sys.executable, "-m", *args], stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"{args[0]} exited with {process.returncode}: {log.read_text()}")
+        try:
+            if httpx.get(ready_url, timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"{args[0]} did not start within 30 s: {log.read_text()}")
+        time.sleep(0.1)
+
+
+def serve_args(port: int, storage: str, workers: int, prefix: str) -> list[str]:
+    return [
+        "durable_streams_asgi.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--storage",
+        storage,
+        "--workers",
+        str(workers),
+        "--key-prefix",
+        prefix,
+        "--long-poll-timeout",
+        str(LONG_POLL_SECONDS),
+        "--log-level",
+        "warning",
+    ]
+
+
 @pytest.fixture
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    storage, workers = request.param
+    """The server under test: one process, or two behind a round-robin proxy."""
+    storage, workers, processes = request.param
     if storage == "redis":
         storage = request.getfixturevalue("redis_url")
-    port = free_port()
-    log = open(tmp_path / "server.log", "wb")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "durable_streams_asgi.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--storage",
-            storage,
-            "--workers",
-            str(workers),
-            "--key-prefix",
-            unique_prefix(),
-            "--long-poll-timeout",
-            str(LONG_POLL_SECONDS),
-            "--log-level",
-            "warning",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
+    prefix = unique_prefix()  # every process of this run shares the streams
+    started: list[subprocess.Popen[bytes]] = []
+    logs: list[Path] = []
     try:
-        deadline = time.monotonic() + 30
-        while True:  # readiness: the health check answers once every worker can serve
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}: {(tmp_path / 'server.log').read_text()}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server did not start within 30 s")
-            time.sleep(0.1)
-        yield url
+        upstreams = []
+        for i in range(processes):
+            port = free_port()
+            logs.append(tmp_path / f"server{i}.log")
+            url = f"http://127.0.0.1:{port}"
+            started.append(spawn(serve_args(port, storage, workers, prefix), logs[-1], f"{url}/healthz"))
+            upstreams.append(url)
+        if processes == 1:
+            yield upstreams[0]
+        else:
+            port = free_port()
+            args = ["tests.roundrobin", "--port", str(port)]
+            for upstream in upstreams:
+                args += ["--upstream", upstream]
+            logs.append(tmp_path / "proxy.log")
+            started.append(spawn(args, logs[-1], f"http://127.0.0.1:{port}/healthz"))
+            yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-    errors = (tmp_path / "server.log").read_text()
-    assert "Traceback" not in errors, errors[-5000:]
+        for process in started:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    for log in logs:
+        assert "Traceback" not in log.read_text(), log.read_text()[-5000:]
 
 
-SERVERS = [pytest.param(("memory", 1), id="memory"), pytest.param(("redis", 2), id="redis-2-workers")]
+SERVERS = [
+    pytest.param(("memory", 1, 1), id="memory"),
+    # As deployed: one server, two worker processes sharing the listening socket.
+    pytest.param(("redis", 2, 1), id="redis-2-workers"),
+    # Two server processes behind a round-robin proxy: consecutive requests of every test land
+    # on different processes, so each write and its read or wake-up cross processes.
+    pytest.param(("redis", 1, 2), id="redis-2-processes-round-robin"),
+]
 
 
 @pytest.mark.timeout(900)

@@ -418,3 +418,38 @@ async def test_sse_connection_ends_after_its_lifetime(
     async with live_client.stream("GET", "/s", params={"offset": "now", "live": "sse"}) as response:
         events = [e async for e in sse_events(response)]
     assert [e for e, _ in events] == ["control"]
+
+
+async def test_sse_sends_each_data_event_with_its_control_event_in_one_write(storage: Storage) -> None:
+    """Readers that stop at a chunk boundary must never see a data event without its control."""
+    app = make_host_app(storage, sse_max_duration=5)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t/v1/stream") as c:
+        await c.put("/p", headers={**TEXT, "Stream-Closed": "true"}, content=b"a\r\n\r\nevent: control\r\n\r\nb")
+    bodies: list[bytes] = []
+
+    async def receive() -> dict[str, object]:
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            bodies.append(message["body"])  # type: ignore[arg-type]
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/v1/stream/p",
+        "raw_path": b"/v1/stream/p",
+        "root_path": "",
+        "query_string": b"offset=-1&live=sse",
+        "headers": [],
+        "scheme": "http",
+        "server": ("t", 80),
+        "http_version": "1.1",
+        "asgi": {"version": "3.0"},
+    }
+    await asyncio.wait_for(app(scope, receive, send), 10)
+    data_chunks = [b for b in bodies if b"event: data" in b]
+    assert len(data_chunks) == 1
+    assert data_chunks[0].index(b"event: data") < data_chunks[0].index(b"event: control\n")
