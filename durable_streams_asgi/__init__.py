@@ -6,7 +6,7 @@ app.mount("/v1/stream", durable_streams_app())
 
 from __future__ import annotations
 
-from .app import Options, durable_streams_app
+from .app import Options, durable_streams_app, durable_streams_lifespan
 from .storage.base import (
     AppendRequest,
     AppendResult,
@@ -57,4 +57,5 @@ __all__ = [
     "StreamInfo",
     "StreamNotFound",
     "durable_streams_app",
+    "durable_streams_lifespan",
 ]

@@ -8,11 +8,12 @@ answers what live in :mod:`durable_streams_asgi.protocol`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import parse_qsl, quote
 
 from sse_starlette.sse import EventSourceResponse
@@ -492,6 +493,39 @@ def _rfc3339(timestamp: float) -> str:
     return f"{text}.{millis:03d}Z" if millis else f"{text}Z"
 
 
+def streams_handler(app: Any) -> DurableStreamsASGI:
+    """The handler inside an app made by :func:`durable_streams_app`."""
+    handler = getattr(getattr(app, "state", None), "durable_streams", None)
+    if not isinstance(handler, DurableStreamsASGI):
+        raise TypeError("not an app made by durable_streams_app()")
+    return handler
+
+
+def durable_streams_lifespan(*streams_apps: Any) -> Callable[[Any], contextlib.AbstractAsyncContextManager[None]]:
+    """A lifespan for the host application that closes the streams apps' storages on shutdown.
+
+    Starlette's ``Mount`` (and so FastAPI's ``app.mount``) does not run a mounted app's lifespan,
+    so the host app owns it::
+
+        streams = durable_streams_app(RedisStorage.from_url("redis://localhost:6379/0"))
+        app = FastAPI(lifespan=durable_streams_lifespan(streams))
+        app.mount("/v1/stream", streams)
+
+    Connections are opened lazily on first use, so startup does nothing.
+    """
+    handlers = [streams_handler(app) for app in streams_apps]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(host_app: Any) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            for handler in handlers:
+                await handler.storage.aclose()
+
+    return lifespan
+
+
 def durable_streams_app(
     storage: Storage | None = None,
     *,
@@ -522,6 +556,16 @@ def durable_streams_app(
         cache_visibility=cache_visibility,
     )
     handler = DurableStreamsASGI(storage if storage is not None else MemoryStorage(), options)
-    app = Starlette(routes=[Mount("", app=handler)])
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Runs when this app is the top-level ASGI app (not when mounted: see
+        # durable_streams_lifespan).
+        try:
+            yield
+        finally:
+            await handler.storage.aclose()
+
+    app = Starlette(routes=[Mount("", app=handler)], lifespan=lifespan)
     app.state.durable_streams = handler
     return app

@@ -146,10 +146,10 @@ async def client(storage: Storage, app_options: dict[str, object]) -> AsyncItera
 
 
 @contextlib.asynccontextmanager
-async def running_server(app: Starlette) -> AsyncIterator[str]:
+async def running_server(app: Starlette, lifespan: str = "off") -> AsyncIterator[str]:
     """Serve ``app`` with uvicorn on a free loopback port inside this event loop."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -277,3 +278,71 @@ async def test_keys_share_one_hash_tag_and_prefix(redis_url: str) -> None:
 def test_key_prefix_must_not_contain_hash_tag_braces(redis_url: str) -> None:
     with pytest.raises(ValueError):
         RedisStorage.from_url(redis_url, key_prefix="bad{prefix}:")
+
+
+async def test_scripts_are_reloaded_after_script_flush(redis_url: str) -> None:
+    storage = RedisStorage.from_url(redis_url, key_prefix=unique_prefix())
+    admin = Redis.from_url(redis_url)
+    try:
+        await storage.create("/s", StreamConfig(content_type="text/plain"), [b"a"])
+        await admin.script_flush()  # e.g. a failover to a replica that never saw the scripts
+        await storage.append("/s", AppendRequest(content_type="text/plain", items=[b"b"]))
+        assert b"".join((await storage.read("/s", 0, 100)).items) == b"ab"
+    finally:
+        await admin.aclose()
+        await storage.aclose()
+
+
+async def test_large_appends_are_stored_in_bounded_entries_and_read_in_bounded_pieces(redis_url: str) -> None:
+    prefix = unique_prefix()
+    storage = RedisStorage(Redis.from_url(redis_url), key_prefix=prefix, entry_size=64 * 1024, owns_client=True)
+    admin = Redis.from_url(redis_url)
+    try:
+        payload = bytes(range(256)) * (3 * 4096 + 7)  # just over 3 MiB
+        await storage.create("/big", StreamConfig(content_type="application/octet-stream"), [payload[:1000]])
+        await storage.append("/big", AppendRequest(content_type="application/octet-stream", items=[payload[1000:]]))
+        entries = await admin.xrange(storage._keys("/big")[1])
+        assert max(len(fields[b"d"]) for _, fields in entries) <= 64 * 1024
+        assert len(entries) >= len(payload) // (64 * 1024)
+        out, position, reads = b"", 0, 0
+        while True:
+            result = await storage.read("/big", position, 1024 * 1024)
+            chunk = b"".join(result.items)
+            assert len(chunk) <= 1024 * 1024 + 64 * 1024
+            out += chunk
+            position = result.next
+            reads += 1
+            if result.up_to_date:
+                break
+        assert out == payload and reads >= 3
+    finally:
+        await admin.aclose()
+        await storage.aclose()
+
+
+async def test_lifespan_hook_closes_the_storage(redis_url: str) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from durable_streams_asgi import durable_streams_app, durable_streams_lifespan
+
+    name = f"lifespan-{uuid.uuid4().hex[:8]}"
+    # Every connection of this storage carries the name, so the server can list them.
+    storage = RedisStorage.from_url(redis_url, key_prefix=unique_prefix(), client_name=name)
+    streams = durable_streams_app(storage, long_poll_timeout=0.5)
+    host = Starlette(routes=[Mount("/v1/stream", app=streams)], lifespan=durable_streams_lifespan(streams))
+    admin = Redis.from_url(redis_url)
+    try:
+
+        async def ours() -> list[dict[str, object]]:
+            return [c for c in await admin.client_list() if c.get("name") == name]
+
+        async with running_server(host, lifespan="on") as url:  # uvicorn runs the host's lifespan
+            async with httpx.AsyncClient(base_url=f"{url}/v1/stream") as c:
+                assert (await c.put("/l", headers=TEXT)).status_code == 201
+                poll = await c.get("/l", params={"offset": "now", "live": "long-poll"})  # uses pub/sub too
+                assert poll.status_code == 204
+            assert len(await ours()) >= 2
+        assert not await ours()  # closed on shutdown
+    finally:
+        await admin.aclose()
