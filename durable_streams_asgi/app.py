@@ -453,7 +453,13 @@ class DurableStreamsASGI:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return
-                    if await self.storage.wait_for_data(request.path, position, min(remaining, options.sse_keepalive)):
+                    try:
+                        changed = await self.storage.wait_for_data(
+                            request.path, position, min(remaining, options.sse_keepalive)
+                        )
+                    except StorageError:
+                        return  # storage unavailable: end the stream; the client reconnects
+                    if changed:
                         break
                     if deadline - time.monotonic() > 0:
                         yield sse.KEEPALIVE

@@ -22,8 +22,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 logger = logging.getLogger("durable_streams_asgi.notifier")
 
@@ -76,6 +76,7 @@ class Notifier:
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._saved_retry: Any = None
 
     # -- waiting -------------------------------------------------------------------------------
 
@@ -166,6 +167,8 @@ class Notifier:
 
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message["type"]
+        if kind == "pong":
+            return
         channel: bytes = message["channel"]
         if kind in ("subscribe", "unsubscribe"):
             left = self._outstanding.get(channel, 0) - 1
@@ -188,37 +191,61 @@ class Notifier:
             ch = self._channels.get(channel)
             if ch is not None:
                 ch.wake()
+        # "pong" (our liveness check) needs nothing beyond having been heard.
 
     async def _connect(self) -> _PubSub:
         pubsub = _PubSub(self._client.connection_pool)
         try:
             await pubsub.connect()
-            assert pubsub.connection is not None
+            connection = pubsub.connection
+            assert connection is not None
             # Failures surface to the listener, which starts a new generation: redis-py must not
-            # retry or reconnect behind our back.
-            pubsub.connection.retry = Retry(NoBackoff(), 0)
+            # retry or reconnect behind our back. (Restored before the connection goes back to
+            # the pool.)
+            self._saved_retry = connection.retry
+            connection.retry = Retry(NoBackoff(), 0)
             self._outstanding = {}
             channels = list(self._channels)
             if channels:
                 self._outstanding = {channel: 1 for channel in channels}
                 await pubsub.subscribe(*channels)
         except BaseException:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
+            await self._discard(pubsub)
             raise
         pubsub.on_reconnect = self._on_connect
+        self._pubsub = pubsub
+        # Waiters that arrived while we subscribed found no connection to send on: catch up.
+        for channel in [c for c in self._channels if c not in self._outstanding]:
+            self._spawn(self._send("subscribe", channel))
         return pubsub
+
+    async def _discard(self, pubsub: _PubSub) -> None:
+        if pubsub.connection is not None and self._saved_retry is not None:
+            pubsub.connection.retry = self._saved_retry
+        with contextlib.suppress(Exception):
+            await pubsub.aclose()
 
     async def _listen(self) -> None:
         backoff = 0.05
         while not self._closed:
             try:
-                self._pubsub = await self._connect()
+                pubsub = await self._connect()
                 backoff = 0.05
+                heard = asyncio.get_running_loop().time()
+                pinged = False
                 while True:
-                    message = await self._pubsub.get_message(timeout=_READ_TIMEOUT)
+                    message = await pubsub.get_message(timeout=_READ_TIMEOUT)
+                    now = asyncio.get_running_loop().time()
                     if message is not None:
+                        heard, pinged = now, False
                         self._handle(message)
+                    elif now - heard >= _READ_TIMEOUT:
+                        # Silence: prove the connection is alive (a half-open TCP connection
+                        # reads as silence forever). No answer by the next timeout: reconnect.
+                        if pinged:
+                            raise ConnectionError("no answer to PING on the pub/sub connection")
+                        await pubsub.ping()
+                        pinged = True
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -226,8 +253,7 @@ class Notifier:
                 self._outstanding = {}
                 self._wake_all(f"pub/sub connection lost ({exc}); reconnecting in {backoff:.2f}s")
                 if pubsub is not None:
-                    with contextlib.suppress(Exception):
-                        await pubsub.aclose()
+                    await self._discard(pubsub)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
 
@@ -253,6 +279,5 @@ class Notifier:
             ch.wake()
         self._channels.clear()
         if self._pubsub is not None:
-            with contextlib.suppress(Exception):
-                await self._pubsub.aclose()
+            await self._discard(self._pubsub)
             self._pubsub = None

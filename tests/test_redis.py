@@ -18,8 +18,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from durable_streams_asgi.storage.base import AppendRequest, StorageUnavailable, StreamConfig
-from durable_streams_asgi.storage.redis import RedisStorage
+from durable_streams_asgi.storage.base import AppendRequest, StorageUnavailable, StreamConfig, StreamNotFound
+from durable_streams_asgi.storage.redis import RedisStorage, StreamDataMissing
 
 from .conftest import free_port, make_host_app, redis_server, running_server, unique_prefix
 from .test_http import sse_events
@@ -346,3 +346,144 @@ async def test_lifespan_hook_closes_the_storage(redis_url: str) -> None:
         assert not await ours()  # closed on shutdown
     finally:
         await admin.aclose()
+
+
+async def test_fork_races_across_processes_keep_reference_counts_exact(redis_url: str) -> None:
+    """Forks created through one client while the source is deleted through another: every fork
+    either fails cleanly or reads the source's data, and the source goes once the forks do."""
+    prefix = unique_prefix()
+    one = RedisStorage.from_url(redis_url, key_prefix=prefix)
+    two = RedisStorage.from_url(redis_url, key_prefix=prefix)
+    admin = Redis.from_url(redis_url)
+    try:
+        for round_ in range(15):
+            src = f"/src{round_}"
+            await one.create(src, StreamConfig(content_type="text/plain"), [b"data"])
+            forks = [
+                (one if i % 2 else two).create(f"{src}/f{i}", StreamConfig(content_type=None, fork_from=src))
+                for i in range(6)
+            ]
+            results = await asyncio.gather(two.delete(src), *forks, return_exceptions=True)
+            assert results[0] is None
+            made = [f"{src}/f{i}" for i, r in enumerate(results[1:]) if not isinstance(r, BaseException)]
+            for path in made:
+                assert b"".join((await one.read(path, 0, 100)).items) == b"data"
+            # Identical concurrent re-creates of one fork take (and keep) one reference.
+            if made:
+                again = await asyncio.gather(
+                    *(s.create(made[0], StreamConfig(content_type=None, fork_from=src)) for s in (one, two, one, two))
+                )
+                assert not any(r.created for r in again)
+            for path in made:
+                await (one if len(path) % 2 else two).delete(path)
+            assert await admin.exists(*one._keys(src)) == 0, "source left behind"
+    finally:
+        await admin.aclose()
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_a_retried_append_script_writes_once(redis_url: str) -> None:
+    """A reply lost after the script ran makes redis-py send it again: the nonce dedupes it."""
+    storage = RedisStorage.from_url(redis_url, key_prefix=unique_prefix())
+    try:
+        await storage.create("/n", StreamConfig(content_type="text/plain"))
+        args = ("text/plain", "0", "", "", "0", "0", storage._channel("/n"), "nonce-1", b"once")
+        first = await storage._call("append", "/n", *args)
+        again = await storage._call("append", "/n", *args)
+        assert first[0] == again[0] == b"ok" and first[1] == again[1] == b"4"
+        assert b"".join((await storage.read("/n", 0, 100)).items) == b"once"
+    finally:
+        await storage.aclose()
+
+
+async def test_killed_pooled_connections_are_replaced_transparently(redis_url: str) -> None:
+    storage = RedisStorage.from_url(redis_url, key_prefix=unique_prefix(), client_name="pooled-kill")
+    admin = Redis.from_url(redis_url)
+    try:
+        await storage.create("/k", StreamConfig(content_type="text/plain"))
+        for round_ in range(3):
+            # A Redis restart or an idle timeout between requests looks like this to the pool.
+            killed = 0
+            for client in await admin.client_list():
+                if client.get("name") == "pooled-kill":
+                    killed += await admin.client_kill_filter(_id=client["id"])
+            assert killed >= 1
+            await storage.append("/k", AppendRequest(content_type="text/plain", items=[str(round_).encode()]))
+        assert b"".join((await storage.read("/k", 0, 100)).items) == b"012"
+    finally:
+        await admin.aclose()
+        await storage.aclose()
+
+
+async def test_forks_that_expire_by_redis_ttl_release_their_source(redis_url: str) -> None:
+    prefix = unique_prefix()
+    storage = RedisStorage.from_url(redis_url, key_prefix=prefix)
+    admin = Redis.from_url(redis_url)
+    try:
+        await storage.create("/src", StreamConfig(content_type="text/plain", ttl_seconds=1), [b"x"])
+        await storage.create("/f", StreamConfig(content_type=None, fork_from="/src"))  # inherits TTL 1
+        await storage.create("/g", StreamConfig(content_type=None, fork_from="/src", expires_at=time.time() - 1))
+        await asyncio.sleep(1.2)
+        assert await storage.sweep() == 2
+        assert await admin.keys(f"{prefix}*") in ([], [f"{prefix}forks".encode()])
+        assert (await storage.create("/src", StreamConfig(content_type="application/json"))).created
+    finally:
+        await admin.aclose()
+        await storage.aclose()
+
+
+async def test_a_fork_whose_create_outcome_is_unknown_keeps_its_reference_until_proven_absent(
+    redis_url: str,
+) -> None:
+    prefix = unique_prefix()
+    storage = RedisStorage.from_url(redis_url, key_prefix=prefix)
+    try:
+        await storage.create("/src", StreamConfig(content_type="text/plain"), [b"x"])
+        await storage.create("/f", StreamConfig(content_type=None, fork_from="/src"))
+        # Simulate a process that died between taking a reference and creating its fork.
+        await storage._call("fork_ref", "/src", "/ghost\nabc", "", "0", "")
+        await storage._command("ZADD", storage._index, 0, "/ghost\nabc\n/src")
+        await storage.delete("/src")  # soft: two references
+        assert await storage.sweep() == 1  # the ghost's goes; the real fork's stays
+        assert b"".join((await storage.read("/f", 0, 10)).items) == b"x"
+        await storage.delete("/f")
+        with pytest.raises(StreamNotFound):
+            await storage.head("/src")
+    finally:
+        await storage.aclose()
+
+
+async def test_missing_data_is_an_error_not_an_empty_read(redis_url: str) -> None:
+    storage = RedisStorage.from_url(redis_url, key_prefix=unique_prefix())
+    try:
+        await storage.create("/m", StreamConfig(content_type="text/plain"), [b"abc"])
+        await storage._command("DEL", storage._keys("/m")[1])  # as eviction would
+        with pytest.raises(StreamDataMissing):
+            await storage.read("/m", 0, 100)
+    finally:
+        await storage.aclose()
+
+
+async def test_out_of_memory_is_503_not_500(tmp_path: Path) -> None:
+    (tmp_path / "oom").mkdir()
+    with redis_server(tmp_path / "oom") as url:
+        admin = Redis.from_url(url)
+        await admin.config_set("maxmemory", "2mb")
+        await admin.config_set("maxmemory-policy", "noeviction")
+        storage = RedisStorage.from_url(url, key_prefix=unique_prefix())
+        transport = httpx.ASGITransport(app=make_host_app(storage))
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://t/v1/stream") as c:
+                assert (await c.put("/o", headers=TEXT)).status_code == 201
+                statuses = set()
+                for _ in range(20):
+                    r = await c.post("/o", headers=TEXT, content=b"x" * 200_000)
+                    statuses.add(r.status_code)
+                    if r.status_code == 503:
+                        assert r.headers["retry-after"] == "1"
+                        break
+                assert 503 in statuses and 500 not in statuses
+        finally:
+            await admin.aclose()
+            await storage.aclose()

@@ -38,11 +38,11 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import BusyLoadingError, ReadOnlyError
+from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from ..notifier import Notifier, NotifierUnavailable
 from .base import (
@@ -72,8 +72,24 @@ from .common import DEFAULT_CONTENT_TYPE, config_matches, is_json_content_type, 
 
 logger = logging.getLogger("durable_streams_asgi.redis")
 
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ReadOnlyError, OSError)
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ReadOnlyError, OutOfMemoryError, OSError)
+# Server states that pass (memory pressure, failover, a persistence error, a busy script): 503.
+_UNAVAILABLE_REPLIES = (
+    "OOM",
+    "MISCONF",
+    "BUSY",
+    "MASTERDOWN",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "LOADING",
+    "READONLY",
+    "NOREPLICAS",
+    "MOVED",
+    "ASK",
+)
 _SCRIPTS = ("create", "append", "read", "head", "delete", "fork_ref", "release")
+# How long a fork reference may exist before its fork does (creation takes one round trip).
+_FORK_GRACE_MS = 60_000
 
 
 def _load_script(name: str) -> str:
@@ -108,6 +124,18 @@ def _fork_origin(fields: Sequence[bytes]) -> tuple[str | None, int]:
     return (_text(src) if src else None), int(base or 0)
 
 
+class StreamDataMissing(StorageError):
+    """Redis lost data the metadata says exists (evicted, or a replica behind): a server fault."""
+
+
+def _response_error(exc: ResponseError) -> Exception:
+    text = str(exc)
+    # Errors raised inside a script read "... script: ... OOM command not allowed ...".
+    if any(text.startswith(code) or f" {code} " in text or f"-{code} " in text for code in _UNAVAILABLE_REPLIES):
+        return StorageUnavailable(text)
+    return exc
+
+
 class RedisStorage:
     """Streams in Redis (>= 6.2, or Valkey), shared by every process that uses the same Redis.
 
@@ -132,21 +160,23 @@ class RedisStorage:
         self._owns_client = owns_client
         self._scripts = {name: client.register_script(_load_script(name)) for name in _SCRIPTS}
         self._notifier: Notifier | None = None
-        self._background: set[asyncio.Task[Any]] = set()
-        self._collecting: set[str] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self.sweep_interval = 5.0
 
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str = "ds:", **redis_options: Any) -> RedisStorage:
         """``redis://host:port/db``, ``rediss://...`` (TLS) or ``unix://...``.
 
         Defaults fail fast when Redis is down (requests then get 503 with Retry-After) and
-        reconnect by themselves when it returns; ``redis_options`` override them.
+        reconnect by themselves when it returns: a command that fails on a dead pooled connection
+        is sent once more on a new one. That is safe because every script is idempotent per
+        request (a retried append finds its own nonce). ``redis_options`` override the defaults.
         """
         options: dict[str, Any] = {
             "socket_connect_timeout": 2.0,
             "socket_timeout": 10.0,
             "health_check_interval": 15,
-            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
             "max_connections": 512,
         }
         options.update(redis_options)
@@ -163,26 +193,39 @@ class RedisStorage:
         base = f"{self._prefix}{{{_escape(path)}}}"
         return [f"{base}:m", f"{base}:d", f"{base}:p", f"{base}:f"]
 
+    @property
+    def _index(self) -> str:
+        """Sorted set of every fork (``<path>\\n<id>\\n<source>``) by when to check on it next."""
+        return f"{self._prefix}forks"
+
     def _channel(self, path: str) -> bytes:
         return f"{self._prefix}{{{_escape(path)}}}:n".encode()
 
     async def _call(self, script: str, path: str, *args: Any) -> list[Any]:
+        if self._sweeper is None:
+            self._sweeper = asyncio.ensure_future(self._sweep_forever())
         try:
             return await self._scripts[script](keys=self._keys(path), args=args)
         except _UNAVAILABLE as exc:
             raise StorageUnavailable(str(exc)) from exc
+        except ResponseError as exc:
+            raise _response_error(exc) from exc
 
     async def _command(self, *args: Any) -> Any:
         try:
             return await self._client.execute_command(*args)
         except _UNAVAILABLE as exc:
             raise StorageUnavailable(str(exc)) from exc
+        except ResponseError as exc:
+            raise _response_error(exc) from exc
 
-    def _status_error(self, status: bytes, path: str) -> StorageError:
-        if status == b"gone":
-            self._collect_later(path)
-            return StreamGone(path)
-        return StreamNotFound(path)
+    @staticmethod
+    def _status_error(status: bytes, path: str) -> StorageError:
+        return StreamGone(path) if status == b"gone" else StreamNotFound(path)
+
+    async def _time_ms(self) -> int:
+        seconds, micros = await self._command("TIME")
+        return int(seconds) * 1000 + int(micros) // 1000
 
     def _entries(self, items: Sequence[bytes], is_json: bool) -> list[bytes]:
         """Items as stored entries: JSON messages as they are, bytes in bounded chunks."""
@@ -252,10 +295,11 @@ class RedisStorage:
         fork_offset: int | None = None,
     ) -> CreateResult:
         is_json = is_json_content_type(content_type)
+        stream_id = stream_id or uuid.uuid4().hex[:16]
         result = await self._call(
             "create",
             path,
-            stream_id or uuid.uuid4().hex[:16],
+            stream_id,
             content_type,
             media_type(content_type),
             "1" if is_json else "0",
@@ -269,9 +313,19 @@ class RedisStorage:
         )
         if result[0] == b"created":
             return CreateResult(created=True, info=_info(result[2:]))
+        if result[0] == b"ok" and _info(result[2:]).stream_id == stream_id:
+            # Our own stream: the script ran, its reply was lost, and the retry found it.
+            return CreateResult(created=True, info=_info(result[2:]))
         return self._existing(result, config)
 
     async def _create_fork(self, path: str, config: StreamConfig, items: Sequence[bytes]) -> CreateResult:
+        """Take a reference on the source (its slot), then create the fork (its own slot).
+
+        The two steps cannot be one transaction on a cluster, so the fork is entered in the fork
+        index first, due for a check after a grace period: if this process dies between the steps,
+        or the create's outcome is unknown, the sweeper finds the reference without a fork and
+        releases it. A reference is released here only when the path provably holds another stream.
+        """
         assert config.fork_from is not None
         source = config.fork_from
         # An existing stream at the path answers without touching the source.
@@ -280,6 +334,9 @@ class RedisStorage:
             return self._existing(existing, config)
         stream_id = uuid.uuid4().hex[:16]
         member = f"{path}\n{stream_id}"
+        indexed = f"{member}\n{source}"
+        now = await self._time_ms()
+        await self._command("ZADD", self._index, now + _FORK_GRACE_MS, indexed)
         ref = await self._call(
             "fork_ref",
             source,
@@ -290,6 +347,7 @@ class RedisStorage:
         )
         status = ref[0]
         if status != b"ok":
+            await self._unindex(indexed)
             if status == b"gone":
                 raise ForkSourceGone(source)
             if status == b"range":
@@ -309,11 +367,19 @@ class RedisStorage:
             result = await self._create(
                 path, config, content_type, ttl, expires_at, items, stream_id=stream_id, base=point, fork_offset=anchor
             )
-        except BaseException:
-            await self._release_quietly(source, member)
+        except StreamExists:
+            await self._release_quietly(source, member, indexed)  # another stream holds the path
             raise
         if not result.created:
-            await self._release_quietly(source, member)  # lost a race to an identical create
+            await self._release_quietly(source, member, indexed)  # an identical fork won the race
+            return result
+        # Check on the fork when it is due to expire (never, without an expiry).
+        if ttl is None and expires_at is None:
+            await self._unindex(indexed)
+        else:
+            due = now + ttl * 1000 if ttl is not None else round((expires_at or 0) * 1000)
+            with contextlib.suppress(StorageError):
+                await self._command("ZADD", self._index, due, indexed)
         return result
 
     # -- append ----------------------------------------------------------------------------------
@@ -332,6 +398,7 @@ class RedisStorage:
             str(producer.epoch) if producer else "0",
             str(producer.seq) if producer else "0",
             self._channel(path),
+            uuid.uuid4().hex,
             *(self._entries(request.items, is_json) if has_data else ()),
         )
         status = result[0]
@@ -386,6 +453,11 @@ class RedisStorage:
                 position, size = self._take(
                     entries[i], entries[i + 1], position, info.tail, info.is_json, max_bytes, items, size
                 )
+        if not items and position < info.tail:
+            # The metadata promises data Redis no longer has: say so rather than answer an empty
+            # read that clients would repeat forever.
+            logger.error("stream %r: data from position %d is missing in Redis", path, position)
+            raise StreamDataMissing(path)
         return ReadResult(info=info, start=int(result[1]), next=position, items=items)
 
     @staticmethod
@@ -431,7 +503,10 @@ class RedisStorage:
     ) -> tuple[int, int]:
         """Data of stream ``path`` (itself maybe a fork) from ``position`` up to ``limit``."""
         meta = self._keys(path)[0]
-        source, base = await self._command("HMGET", meta, "src", "base")
+        stream_id, source, base = await self._command("HMGET", meta, "id", "src", "base")
+        if stream_id is None:
+            logger.error("fork source %r is missing in Redis", path)
+            raise StreamDataMissing(path)
         base = int(base or 0)
         if position < base and source:
             position, size = await self._read_range(
@@ -457,7 +532,9 @@ class RedisStorage:
         if status != b"deleted":
             raise self._status_error(status, path)
         if result[1]:
-            await self._release(_text(result[1]), f"{path}\n{_text(result[2])}")
+            source, member = _text(result[1]), f"{path}\n{_text(result[2])}"
+            # The fork is gone; dropping its reference may fail now and is then the sweeper's job.
+            await self._release_quietly(source, member, f"{member}\n{source}")
 
     async def _release(self, source: str, member: str) -> None:
         """Drop a fork's reference on ``source``, cascading up the chain as sources go."""
@@ -466,44 +543,61 @@ class RedisStorage:
             if result[0] != b"deleted" or not result[1]:
                 return
             member = f"{source}\n{_text(result[2])}"
-            source = _text(result[1])
+            upstream = _text(result[1])
+            await self._unindex(f"{member}\n{upstream}")
+            source = upstream
 
-    async def _release_quietly(self, source: str, member: str) -> None:
+    async def _release_quietly(self, source: str, member: str, indexed: str) -> None:
         try:
             await self._release(source, member)
-        except Exception:
-            logger.warning("could not release fork reference %r on %r; it is collected later", member, source)
+            await self._unindex(indexed)
+        except StorageError as exc:
+            logger.warning("could not release fork reference %r on %r (%s); the sweeper will", member, source, exc)
+            with contextlib.suppress(StorageError):
+                await self._command("ZADD", self._index, 0, indexed)
 
-    def _collect_later(self, path: str) -> None:
-        """A gone stream may be held only by forks that expired (Redis drops those keys silently):
-        check its references in the background and clean it up when none is left."""
-        if path in self._collecting:
-            return
-        self._collecting.add(path)
-        task = asyncio.ensure_future(self._collect(path))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    async def _unindex(self, indexed: str) -> None:
+        with contextlib.suppress(StorageError):
+            await self._command("ZREM", self._index, indexed)
 
-    async def _collect(self, path: str) -> None:
-        try:
-            members = await self._command("SMEMBERS", self._keys(path)[3])
-            for raw in members:
-                fork_path, _, fork_id = _text(raw).partition("\n")
-                current = await self._command("HGET", self._keys(fork_path)[0], "id")
-                if current is None or _text(current) != fork_id:
-                    await self._release(path, _text(raw))
-        except Exception as exc:
-            logger.debug("fork reference collection for %r failed: %s", path, exc)
-        finally:
-            self._collecting.discard(path)
+    async def sweep(self) -> int:
+        """Release the references of forks that are gone (expired by Redis, or never created
+        because a process died half-way). Returns how many it released. Runs every
+        ``sweep_interval`` seconds in every process; concurrent sweeps are harmless."""
+        now = await self._time_ms()
+        due = await self._command("ZRANGEBYSCORE", self._index, "-inf", now, "LIMIT", 0, 200)
+        released = 0
+        for raw in due:
+            fork_path, fork_id, source = _text(raw).split("\n")
+            current, deadline = await self._command("HMGET", self._keys(fork_path)[0], "id", "dl")
+            if current is not None and _text(current) == fork_id:
+                if not deadline:
+                    await self._unindex(_text(raw))
+                else:
+                    # A sliding TTL moved on, or the fork is kept for forks of its own: later.
+                    await self._command("ZADD", self._index, max(int(deadline), now + _FORK_GRACE_MS), raw)
+                continue
+            await self._release(source, f"{fork_path}\n{fork_id}")
+            await self._unindex(_text(raw))
+            released += 1
+        return released
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            try:
+                await self.sweep()
+            except Exception as exc:
+                logger.debug("fork sweep failed: %s", exc)
 
     # -- live ------------------------------------------------------------------------------------
 
     async def wait_for_data(self, path: str, position: int, timeout: float) -> bool:
         if self._notifier is None:
             self._notifier = Notifier(self._client)
+        deadline = asyncio.get_running_loop().time() + timeout
         try:
-            async with self._notifier.subscription(self._channel(path), confirm_timeout=min(5.0, timeout)) as changed:
+            async with self._notifier.subscription(self._channel(path)) as changed:
                 # Subscribed (and confirmed) before this final check: no write can slip between.
                 try:
                     info = await self.head(path)
@@ -511,14 +605,20 @@ class RedisStorage:
                     return True
                 if info.tail > position or info.closed:
                     return True
-                done, _ = await asyncio.wait((changed,), timeout=timeout)
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    return False
+                done, _ = await asyncio.wait((changed,), timeout=remaining)
                 return bool(done)
         except NotifierUnavailable as exc:
             raise StorageUnavailable(str(exc)) from exc
 
     async def aclose(self) -> None:
-        for task in list(self._background):
-            task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._sweeper
+            self._sweeper = None
         if self._notifier is not None:
             await self._notifier.aclose()
             self._notifier = None

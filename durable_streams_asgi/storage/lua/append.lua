@@ -1,13 +1,19 @@
 -- Append and/or close, validating everything first so that a rejected request changes nothing.
 -- ARGV: 1 media type ('' when no body), 2 close, 3 Stream-Seq, 4 producer id ('' if none),
---       5 epoch, 6 seq, 7 channel, 8.. items
+--       5 epoch, 6 seq, 7 channel, 8 request nonce, 9.. items
 local now = now_ms()
 local m = load(KEYS[1])
 local st = state(m, now)
 if st ~= 'ok' then
   return {st}
 end
-local has_data = #ARGV >= 8
+-- The client library retries a command whose reply was lost; the nonce makes that retry return
+-- the first run's outcome instead of writing again.
+if m.ln == ARGV[8] then
+  m.tail = m.lt
+  return {'ok', unpack(info(m))}
+end
+local has_data = #ARGV >= 9
 local close = ARGV[2] == '1'
 local pid = ARGV[4]
 local epoch, pseq = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -54,9 +60,9 @@ if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'seq', ARGV[3])
 end
 
-local tail = add_items(tonumber(m.tail), m.json == '1', 8)
+local tail = add_items(tonumber(m.tail), m.json == '1', 9)
 m.tail = int(tail)
-local fields = {'tail', m.tail}
+local fields = {'tail', m.tail, 'ln', ARGV[8], 'lt', m.tail}
 if close then
   m.closed = '1'
   table.insert(fields, 'closed'); table.insert(fields, '1')

@@ -4,6 +4,9 @@ local now = now_ms()
 local m = load(KEYS[1])
 local st = state(m, now)
 if st ~= 'missing' then
+  if st == 'ok' then
+    touch(m, now)  -- an idempotent re-create counts as a write for a sliding TTL
+  end
   return {st, m.rq or '', unpack(info(m))}
 end
 if m ~= nil then

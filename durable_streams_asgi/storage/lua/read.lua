@@ -26,7 +26,10 @@ end
 local budget = tonumber(ARGV[2])
 local size = 0
 local pos = start
-while pos < tail and size < budget do
+-- Bounded work per call, also for streams of tiny entries: the reader asks again for the rest.
+local max_entries = 2048
+local taken = 0
+while pos < tail and size < budget and taken < max_entries do
   local entries = redis.call('XRANGE', KEYS[2], '(' .. int(pos), '+', 'COUNT', 64)
   if #entries == 0 then
     break
@@ -37,8 +40,9 @@ while pos < tail and size < budget do
     table.insert(out, id)
     table.insert(out, data)
     size = size + #data
+    taken = taken + 1
     pos = tonumber(string.sub(id, 1, string.find(id, '-', 1, true) - 1))
-    if size >= budget then
+    if size >= budget or taken >= max_entries then
       break
     end
   end
