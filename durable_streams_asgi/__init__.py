@@ -6,7 +6,8 @@ app.mount("/v1/stream", durable_streams_app())
 
 from __future__ import annotations
 
-from .app import Options, durable_streams_app, durable_streams_lifespan
+from .app import AccessDenied, Authorize, Options, durable_streams_app, durable_streams_lifespan
+from .generation import Generation, generation_response, reconnect_response
 from .storage.base import (
     AppendRequest,
     AppendResult,
@@ -30,14 +31,20 @@ from .storage.base import (
     StreamNotFound,
 )
 from .storage.memory import MemoryStorage
+from .streams import Chunk, DurableStreams
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccessDenied",
     "AppendRequest",
     "AppendResult",
+    "Authorize",
+    "Chunk",
     "ContentTypeMismatch",
     "CreateResult",
+    "DurableStreams",
+    "Generation",
     "InvalidProducerSeq",
     "MemoryStorage",
     "OffsetOutOfRange",
@@ -58,4 +65,6 @@ __all__ = [
     "StreamNotFound",
     "durable_streams_app",
     "durable_streams_lifespan",
+    "generation_response",
+    "reconnect_response",
 ]

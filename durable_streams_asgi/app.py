@@ -9,15 +9,17 @@ answers what live in :mod:`durable_streams_asgi.protocol`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qsl, quote
 
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.routing import Mount
 from starlette.types import Receive, Scope, Send
 
@@ -40,6 +42,22 @@ from .storage.memory import MemoryStorage
 logger = logging.getLogger("durable_streams_asgi")
 
 Headers = list[tuple[bytes, bytes]]
+
+#: ``authorize(request, action, path)``: sync or async; ``action`` is one of ``read``, ``create``,
+#: ``append``, ``close``, ``delete``. Return True (or None) to allow, False to answer 403, or raise
+#: :class:`AccessDenied` to choose the status (401 to ask for credentials) and message.
+Authorize = Callable[[Request, str, str], "bool | Awaitable[bool | None] | None"]
+
+
+class AccessDenied(Exception):
+    """Raised by an ``authorize`` hook to refuse a request with ``status`` (401 or 403)."""
+
+    def __init__(self, status: int = 403, message: str = "forbidden", headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
 
 EXPOSED_HEADERS = (
     "Stream-Next-Offset, Stream-Cursor, Stream-Up-To-Date, Stream-Closed, Stream-TTL, "
@@ -65,6 +83,7 @@ class Options:
     max_read_bytes: int = 4 * 1024 * 1024
     cors_origins: str | Sequence[str] = "*"
     cache_visibility: Literal["public", "private"] = "public"
+    authorize: Authorize | None = None
 
 
 class _Request:
@@ -186,6 +205,8 @@ class DurableStreamsASGI:
             handler = self._handlers.get(request.method)
             if handler is None:
                 raise ProtocolError(405, "method not allowed", {"Allow": ALLOWED_METHODS})
+            if self.options.authorize is not None:
+                await self._authorize(request)
             await handler(self, send, request)
         except ProtocolError as exc:
             await self._error(send, request, exc)
@@ -193,6 +214,37 @@ class DurableStreamsASGI:
             await self._error(send, request, protocol.storage_error(exc))
         except _Disconnected:
             return
+
+    async def _authorize(self, request: _Request) -> None:
+        """Ask the host application's hook, before any body is read."""
+        h = request.headers
+        method = request.method
+        if method in ("GET", "HEAD"):
+            action = "read"
+        elif method == "PUT":
+            action = "create"
+        elif method == "DELETE":
+            action = "delete"
+        else:
+            bodiless = h.get("content-length", "0").strip() == "0" and "transfer-encoding" not in h
+            action = "close" if protocol.parse_closed(h.get("stream-closed")) and bodiless else "append"
+        checks = [(action, request.path)]
+        if method == "PUT" and "stream-forked-from" in h:
+            # Forking reads the source: the caller must be allowed to read it.
+            source = protocol.fork_source_path(h["stream-forked-from"], request.scope.get("root_path", ""))
+            checks.append(("read", source))
+        hook = self.options.authorize
+        assert hook is not None
+        starlette_request = Request(request.scope)  # no receive: the hook cannot consume the body
+        for check_action, path in checks:
+            try:
+                verdict = hook(starlette_request, check_action, path)
+                if inspect.isawaitable(verdict):
+                    verdict = await verdict
+            except AccessDenied as exc:
+                raise ProtocolError(exc.status, exc.message, exc.headers) from exc
+            if verdict is False:
+                raise ProtocolError(403, "forbidden")
 
     async def _error(self, send: Send, request: _Request, exc: ProtocolError) -> None:
         headers = [_h(k, v) for k, v in exc.headers.items()]
@@ -541,6 +593,7 @@ def durable_streams_app(
     max_read_bytes: int = 4 * 1024 * 1024,
     cors_origins: str | Sequence[str] = "*",
     cache_visibility: Literal["public", "private"] = "public",
+    authorize: Authorize | None = None,
 ) -> Starlette:
     """A Starlette app serving durable streams at every path below where it is mounted.
 
@@ -549,7 +602,9 @@ def durable_streams_app(
     before the server closes it so clients reconnect; ``max_body_size`` the largest append or
     create body (413 past it); ``max_read_bytes`` roughly how much one catch-up response holds;
     ``cors_origins`` ``"*"`` or a list of allowed origins; ``cache_visibility`` whether catch-up
-    reads are ``public`` or ``private`` in ``Cache-Control``.
+    reads are ``public`` or ``private`` in ``Cache-Control``; ``authorize`` a hook
+    ``(request, action, path)`` that lets the host application allow or refuse each request
+    (see :data:`Authorize`).
     """
     if cache_visibility not in ("public", "private"):
         raise ValueError("cache_visibility must be 'public' or 'private'")
@@ -560,6 +615,7 @@ def durable_streams_app(
         max_read_bytes=max_read_bytes,
         cors_origins=cors_origins,
         cache_visibility=cache_visibility,
+        authorize=authorize,
     )
     handler = DurableStreamsASGI(storage if storage is not None else MemoryStorage(), options)
 
