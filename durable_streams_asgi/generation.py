@@ -70,7 +70,7 @@ class GenerationRunner:
     def running(self) -> int:
         return sum(not t.done() for t in self._tasks)
 
-    def start(
+    async def start(
         self,
         path: str,
         source: AsyncIterable[Any],
@@ -81,7 +81,9 @@ class GenerationRunner:
         error_record: Callable[[BaseException], Any] | None,
         ttl: int | None,
     ) -> Generation:
-        task = asyncio.ensure_future(self._run(path, source, content_type, linger, max_batch_bytes, error_record, ttl))
+        # Created before the task starts: a client given the stream's URL may read it at once.
+        await self._streams.storage.create(path, StreamConfig(content_type=content_type, ttl_seconds=ttl))
+        task = asyncio.ensure_future(self._run(path, source, content_type, linger, max_batch_bytes, error_record))
         self._tasks.add(task)
         task.add_done_callback(self._finished)
         return Generation(path, task)
@@ -110,11 +112,9 @@ class GenerationRunner:
         linger: float,
         max_batch_bytes: int,
         error_record: Callable[[BaseException], Any] | None,
-        ttl: int | None,
     ) -> str:
         storage = self._streams.storage
         is_json = is_json_content_type(content_type)
-        await storage.create(path, StreamConfig(content_type=content_type, ttl_seconds=ttl))
         producer_id = f"generation-{uuid.uuid4().hex}"
         seq = 0
 
@@ -178,15 +178,19 @@ class GenerationRunner:
                 # Interrupted mid-append: it may or may not have been applied. Sending the same
                 # producer request again applies it exactly once either way.
                 unsure = in_flight
-                with contextlib.suppress(Exception):
+                try:
                     await asyncio.shield(storage.append(path, unsure))
                     seq += 1
+                except Exception as replay_error:
+                    logger.warning("generation %s: replaying an interrupted append failed: %r", path, replay_error)
                 if unsure.items is batch:
                     batch = []
             record = (error_record or (lambda e: default_error_record(e, is_json)))(exc)
             final = [*batch, encode(record)] if record is not None else batch
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.shield(write(final, close=True))
+            except Exception as final_error:
+                logger.warning("generation %s: writing its final record failed: %r", path, final_error)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             logger.warning("generation source for %s failed: %r", path, exc)

@@ -24,6 +24,14 @@ _DECIMAL = re.compile(r"0|[1-9][0-9]*")
 _RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
 
 
+#: Response headers as ASGI wants them: (name, value) byte pairs.
+Headers = list[tuple[bytes, bytes]]
+
+
+def header(name: str, value: str) -> tuple[bytes, bytes]:
+    return (name.encode("latin-1"), value.encode("latin-1"))
+
+
 class ProtocolError(Exception):
     """A request the server will not carry out: ``status`` with a short text ``message``."""
 

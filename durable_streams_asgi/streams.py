@@ -206,7 +206,7 @@ class DurableStreams:
         Django)."""
         return base_url.rstrip("/") + self.mount_path + quote(_path(path))
 
-    def start_generation(
+    async def start_generation(
         self,
         path: str,
         source: AsyncIterable[Any],
@@ -217,9 +217,10 @@ class DurableStreams:
         error_record: Callable[[BaseException], Any] | None = None,
         ttl: int | None = None,
     ) -> Generation:
-        """Write ``source`` into a new stream at ``path`` in a background task that outlives the
-        request that started it. See :class:`~durable_streams_asgi.generation.Generation`."""
-        return self._generations.start(
+        """Create the stream at ``path``, then write ``source`` into it from a background task that
+        outlives the request that started it. The stream exists when this returns, so its URL can
+        be handed out at once. See :class:`~durable_streams_asgi.generation.Generation`."""
+        return await self._generations.start(
             _path(path),
             source,
             content_type=content_type,

@@ -99,7 +99,7 @@ async def tokens(words: list[str], delay: float = 0.0, fail_after: int | None = 
 
 async def test_generation_writes_everything_batches_and_closes(streams: DurableStreams) -> None:
     words = [f"w{i} " for i in range(200)]
-    generation = streams.start_generation("/gen/1", tokens(words), linger=0.02)
+    generation = await streams.start_generation("/gen/1", tokens(words), linger=0.02)
     final = await asyncio.wait_for(generation.wait(), 10)
     messages = await collect(streams, "/gen/1")
     assert [m["delta"] for m in messages] == words  # type: ignore[index]
@@ -118,13 +118,13 @@ async def test_generation_batches_small_chunks_into_few_writes(storage: Storage)
 
     storage.append = counting  # type: ignore[method-assign]
     streams = DurableStreams(storage)
-    await streams.start_generation("/g", tokens([str(i) for i in range(500)]), linger=0.05).wait()
+    await (await streams.start_generation("/g", tokens([str(i) for i in range(500)]), linger=0.05)).wait()
     assert len(await collect(streams, "/g")) == 500
     assert writes < 20  # 500 tokens arriving at once: a handful of batched appends, not 500
 
 
 async def test_source_failure_appends_an_error_record_and_closes(streams: DurableStreams) -> None:
-    generation = streams.start_generation("/gen/f", tokens(["a", "b", "c"], fail_after=2))
+    generation = await streams.start_generation("/gen/f", tokens(["a", "b", "c"], fail_after=2))
     await asyncio.wait_for(generation.wait(), 5)
     messages = await collect(streams, "/gen/f")
     assert messages == [
@@ -140,7 +140,9 @@ async def test_text_generations_and_custom_error_records(streams: DurableStreams
         yield "hello "
         raise ValueError("boom")
 
-    gen = streams.start_generation("/gen/t", words(), content_type="text/plain", error_record=lambda exc: f"<{exc}>")
+    gen = await streams.start_generation(
+        "/gen/t", words(), content_type="text/plain", error_record=lambda exc: f"<{exc}>"
+    )
     await gen.wait()
     assert "".join([c.text async for c in streams.read("/gen/t")]) == "hello <boom>"
 
@@ -148,7 +150,7 @@ async def test_text_generations_and_custom_error_records(streams: DurableStreams
 async def test_generation_survives_the_client_that_started_it(streams: DurableStreams) -> None:
     async def app(scope, receive, send):  # type: ignore[no-untyped-def]
         request = Request(scope, receive)
-        generation = streams.start_generation("/gen/d", tokens(["x"] * 20, delay=0.01))
+        generation = await streams.start_generation("/gen/d", tokens(["x"] * 20, delay=0.01))
         from durable_streams_asgi import generation_response
 
         response = generation_response(generation, streams.url_for(str(request.base_url), "/gen/d"), mode="await")
@@ -168,8 +170,8 @@ async def test_generation_survives_the_client_that_started_it(streams: DurableSt
 
 async def test_shutdown_waits_then_interrupts_with_a_record(storage_factory: StorageFactory) -> None:
     streams = DurableStreams(await storage_factory(), shutdown_timeout=0.2)
-    quick = streams.start_generation("/q", tokens(["a"]))
-    slow = streams.start_generation("/s", tokens(["b"] * 1000, delay=0.01))
+    quick = await streams.start_generation("/q", tokens(["a"]))
+    slow = await streams.start_generation("/s", tokens(["b"] * 1000, delay=0.01))
     await asyncio.sleep(0.05)
     await streams.generations.shutdown()
     assert quick.done and slow.done
@@ -181,7 +183,7 @@ async def test_shutdown_waits_then_interrupts_with_a_record(storage_factory: Sto
 async def test_response_helpers_follow_the_transport_contract(streams: DurableStreams) -> None:
     from durable_streams_asgi import generation_response, reconnect_response
 
-    generation = streams.start_generation("/r", tokens(["a", "b"]))
+    generation = await streams.start_generation("/r", tokens(["a", "b"]))
     url = streams.url_for("http://example.test/", "/r")
     assert url == "http://example.test/v1/stream/r"
     immediate = generation_response(generation, url)
@@ -224,3 +226,10 @@ async def test_authorize_hook(storage: Storage) -> None:
         assert (await c.delete("/f")).status_code == 403
         assert (await c.options("/a")).status_code == 204  # preflights are never refused
     assert ("close", "/a") in calls and ("create", "/f") in calls and ("read", "/a") in calls
+
+
+async def test_the_stream_exists_as_soon_as_start_generation_returns(streams: DurableStreams) -> None:
+    generation = await streams.start_generation("/early", tokens(["a"], delay=0.2))
+    info = await streams.head("/early")  # a client given the URL reads at once: never a 404
+    assert not info.closed and not generation.done
+    await generation.wait()

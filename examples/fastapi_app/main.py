@@ -155,7 +155,7 @@ async def start_chat(body: ChatRequest, request: Request) -> Response:
     chat_id = body.chatId or uuid.uuid4().hex[:12]
     path = f"/chats/{chat_id}/{uuid.uuid4().hex[:12]}"
     tokens = await provider_model(body.prompt) or fake_model(body.prompt)
-    generation = streams.start_generation(path, ui_message_chunks(tokens), ttl=24 * 3600)
+    generation = await streams.start_generation(path, ui_message_chunks(tokens), ttl=24 * 3600)
     active[chat_id] = path
     generation.task.add_done_callback(lambda _: active.pop(chat_id, None) if active.get(chat_id) == path else None)
     url = streams.url_for(str(request.base_url), path)

@@ -1,0 +1,187 @@
+"""Reads: catch-up, long-poll and SSE (PROTOCOL.md sections 5.6-5.8)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from sse_starlette.sse import EventSourceResponse
+from starlette.types import Send
+
+from . import offsets, protocol, sse
+from .jsonmode import join_messages
+from .options import Options
+from .protocol import Headers
+from .protocol import header as _h
+from .storage.base import ReadResult, Storage, StorageError, StreamInfo
+
+if TYPE_CHECKING:
+    from .handlers import _Request
+
+
+class ReadHandlers:
+    """The GET side of :class:`~durable_streams_asgi.handlers.DurableStreamsASGI`."""
+
+    storage: Storage
+    options: Options
+    _catchup_cache_control: str
+
+    # Provided by the handler.
+    async def _send(self, send: Send, request: _Request, status: int, headers: Headers, body: bytes = b"") -> None:
+        raise NotImplementedError
+
+    def _base_headers(self, request: _Request) -> Headers:
+        raise NotImplementedError
+
+    @staticmethod
+    def _stream_headers(info: StreamInfo, *, next_position: int | None = None) -> Headers:
+        raise NotImplementedError
+
+    async def _get(self, send: Send, request: _Request) -> None:
+        q = request.query
+        for name in ("offset", "live", "cursor"):
+            if name in request.repeated:
+                raise protocol.bad_request(f"{name} given more than once")
+        live = protocol.parse_live(q.get("live"))
+        if live is not None and "offset" not in q:
+            raise protocol.bad_request("live reads require an offset")
+        start = protocol.parse_read_offset(q.get("offset"))
+        if live == "sse":
+            await self._sse(send, request, start)
+            return
+        result = await self.storage.read(request.path, start, self.options.max_read_bytes)
+        if live == "long-poll" and not result.items and not result.info.closed:
+            result = await self._long_poll(request, result)
+            if not result.items:
+                headers = self._stream_headers(result.info, next_position=result.next)
+                headers += [(b"stream-up-to-date", b"true"), (b"cache-control", b"no-store")]
+                if not result.info.closed:
+                    headers.append(_h("stream-cursor", offsets.next_cursor(q.get("cursor"))))
+                await self._send(send, request, 204, headers)
+                return
+        if live == "long-poll" and not result.items:
+            # Closed and at the end: EOF at once, never wait.
+            headers = self._stream_headers(result.info, next_position=result.next)
+            headers += [(b"stream-up-to-date", b"true"), (b"cache-control", b"no-store")]
+            await self._send(send, request, 204, headers)
+            return
+        await self._send_read(send, request, result, now=start is None, live=live is not None)
+
+    async def _long_poll(self, request: _Request, result: ReadResult) -> ReadResult:
+        deadline = time.monotonic() + self.options.long_poll_timeout
+        position = result.next
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return result
+            if not await self.storage.wait_for_data(request.path, position, remaining):
+                return result
+            result = await self.storage.read(request.path, position, self.options.max_read_bytes)
+            if result.items or result.info.closed:
+                return result
+
+    async def _send_read(self, send: Send, request: _Request, result: ReadResult, *, now: bool, live: bool) -> None:
+        info = result.info
+        headers = self._stream_headers(info, next_position=result.next)
+        if result.up_to_date:
+            headers.append((b"stream-up-to-date", b"true"))
+        if live and not result.at_end:
+            headers.append(_h("stream-cursor", offsets.next_cursor(request.query.get("cursor"))))
+        if now:
+            # offset=now names a moving position: never cache it, and no ETag (section 10).
+            headers.append((b"cache-control", b"no-store"))
+        else:
+            etag = f'"{info.stream_id}:{result.start}:{result.next}{":c" if result.at_end else ""}"'
+            headers.append(_h("etag", etag))
+            headers.append(_h("cache-control", self._catchup_cache_control))
+            if _etag_matches(request.headers.get("if-none-match"), etag):
+                await self._send(send, request, 304, headers)
+                return
+        body = join_messages(result.items) if info.is_json else b"".join(result.items)
+        await self._send(send, request, 200, headers, body)
+
+    async def _sse(self, send: Send, request: _Request, start: int | None) -> None:
+        # The first read happens before the response starts, so that a missing stream or a
+        # bad offset is a plain 404/400 and not an event stream that ends at once.
+        first = await self.storage.read(request.path, start, self.options.max_read_bytes)
+        encode = sse.uses_base64(first.info.content_type)
+        headers = {
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            **{k.decode(): v.decode("latin-1") for k, v in self._base_headers(request)},
+        }
+        if encode:
+            headers["stream-sse-data-encoding"] = "base64"
+        response = EventSourceResponse(
+            self._sse_events(request, first, encode), headers=headers, ping=0, send_timeout=30
+        )
+        await response(request.scope, request.receive, send)
+
+    async def _sse_events(self, request: _Request, result: ReadResult, encode: bool) -> AsyncIterator[bytes]:
+        options = self.options
+        client_cursor = request.query.get("cursor")
+        deadline = time.monotonic() + options.sse_max_duration
+        told_up_to_date = False
+        while True:
+            # A control event follows every data event, in the same write so that no reader
+            # ever sees one without the other; with no data, a control event goes out only the
+            # first time the reader is caught up (or at EOF): a wake-up that found nothing new
+            # says nothing.
+            chunk = b""
+            if result.items:
+                payload = join_messages(result.items) if result.info.is_json else b"".join(result.items)
+                chunk = sse.data_event(payload, base64_encode=encode)
+            if result.items or result.at_end or (result.up_to_date and not told_up_to_date):
+                told_up_to_date = result.up_to_date
+                cursor = offsets.next_cursor(client_cursor)
+                client_cursor = cursor
+                chunk += sse.control_event(
+                    offsets.encode_offset(result.next),
+                    cursor=cursor,
+                    up_to_date=result.up_to_date,
+                    closed=result.at_end,
+                )
+            if chunk:
+                yield chunk
+            if result.at_end:
+                return
+            position = result.next
+            if result.up_to_date:
+                # Caught up: wait for a change, sending a comment now and then to keep the
+                # connection (and any proxy) alive, and end after the connection lifetime so
+                # CDNs can collapse reconnecting clients.
+                while True:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return
+                    try:
+                        changed = await self.storage.wait_for_data(
+                            request.path, position, min(remaining, options.sse_keepalive)
+                        )
+                    except StorageError:
+                        return  # storage unavailable: end the stream; the client reconnects
+                    if changed:
+                        break
+                    if deadline - time.monotonic() > 0:
+                        yield sse.KEEPALIVE
+            elif time.monotonic() >= deadline:
+                return
+            try:
+                result = await self.storage.read(request.path, position, options.max_read_bytes)
+            except StorageError:
+                return  # deleted or expired while we were reading: the reconnect will tell
+
+
+def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+    if not if_none_match:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    for candidate in if_none_match.split(","):
+        candidate = candidate.strip()
+        if candidate.startswith("W/"):
+            candidate = candidate[2:]
+        if candidate == etag:
+            return True
+    return False
