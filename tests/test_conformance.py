@@ -33,9 +33,13 @@ def ensure_conformance_installed() -> str:
     return npx
 
 
-def spawn(args: list[str], log: Path, ready_url: str) -> subprocess.Popen[bytes]:
+def spawn(
+    args: list[str], log: Path, ready_url: str, *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start a process and wait until ``ready_url`` answers 200."""
-    process = subprocess.Popen([sys.executable, "-m", *args], stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", *args], stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=cwd, env=env
+    )
     deadline = time.monotonic() + 30
     while True:
         if process.poll() is not None:
@@ -77,6 +81,9 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if storage == "redis":
         storage = request.getfixturevalue("redis_url")
     prefix = unique_prefix()  # every process of this run shares the streams
+    if isinstance(workers, str):  # an example app, started with its documented command
+        yield from serve_example(workers, storage, prefix, tmp_path)
+        return
     started: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []
     try:
@@ -109,6 +116,38 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         assert "Traceback" not in log.read_text(), log.read_text()[-5000:]
 
 
+EXAMPLES = ROOT / "examples"
+EXAMPLE_COMMANDS = {"fastapi": "main:app", "django": "asgi:application"}
+
+
+def serve_example(name: str, storage: str, prefix: str, tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "DURABLE_STREAMS_LONG_POLL_TIMEOUT": str(LONG_POLL_SECONDS),
+        "DEMO_OPEN_WRITES": "1",
+        "DURABLE_STREAMS_KEY_PREFIX": prefix,
+    }
+    env.pop("REDIS_URL", None)
+    if storage != "memory":
+        env["REDIS_URL"] = storage
+    log = tmp_path / f"{name}.log"
+    url = f"http://127.0.0.1:{port}"
+    process = spawn(
+        ["uvicorn", EXAMPLE_COMMANDS[name], "--port", str(port), "--log-level", "warning"],
+        log,
+        f"{url}/",
+        cwd=EXAMPLES / f"{name}_app",
+        env=env,
+    )
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+    assert "Traceback" not in log.read_text(), log.read_text()[-5000:]
+
+
 SERVERS = [
     pytest.param(("memory", 1, 1), id="memory"),
     # As deployed: one server, two worker processes sharing the listening socket.
@@ -116,6 +155,12 @@ SERVERS = [
     # Two server processes behind a round-robin proxy: consecutive requests of every test land
     # on different processes, so each write and its read or wake-up cross processes.
     pytest.param(("redis", 1, 2), id="redis-2-processes-round-robin"),
+    # The examples, as their READMEs run them: the protocol through FastAPI's mount and through
+    # Django's ASGI routing.
+    pytest.param(("memory", "fastapi", 1), id="fastapi-example-memory"),
+    pytest.param(("redis", "fastapi", 1), id="fastapi-example-redis"),
+    pytest.param(("memory", "django", 1), id="django-example-memory"),
+    pytest.param(("redis", "django", 1), id="django-example-redis"),
 ]
 
 

@@ -37,6 +37,9 @@ DEMO_USERS = {os.environ.get("DEMO_USERNAME", "demo"): os.environ.get("DEMO_PASS
 DURABLE_STREAMS_REDIS_URL = os.environ.get("REDIS_URL") or None
 DURABLE_STREAMS_KEY_PREFIX = os.environ.get("DURABLE_STREAMS_KEY_PREFIX", "ds:")
 DURABLE_STREAMS_LONG_POLL_TIMEOUT = float(os.environ.get("DURABLE_STREAMS_LONG_POLL_TIMEOUT", "30"))
+# Development only: let anyone write streams over HTTP (e.g. to run the protocol's conformance
+# suite against this project). Never set it in production.
+DEMO_OPEN_WRITES = os.environ.get("DEMO_OPEN_WRITES") == "1"
 
 # The fake model: seconds between tokens, and how long (sliding, seconds) a chat answer's stream lives.
 CHAT_TOKEN_DELAY = float(os.environ.get("CHAT_TOKEN_DELAY", "0.05"))
