@@ -37,7 +37,7 @@ from dataclasses import replace
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, ResponseError
@@ -177,11 +177,14 @@ class RedisStorage:
             "socket_timeout": 10.0,
             "health_check_interval": 15,
             "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
-            "max_connections": 512,
+            # A burst of requests waits (up to 5 s) for one of 256 connections instead of failing.
+            "max_connections": 256,
+            "timeout": 5.0,
         }
         options.update(redis_options)
         options["decode_responses"] = False
-        return cls(Redis.from_url(url, **options), key_prefix=key_prefix, owns_client=True)
+        pool = BlockingConnectionPool.from_url(url, **options)
+        return cls(Redis(connection_pool=pool), key_prefix=key_prefix, owns_client=True)
 
     @property
     def client(self) -> Redis:
@@ -624,4 +627,4 @@ class RedisStorage:
             self._notifier = None
         if self._owns_client:
             with contextlib.suppress(Exception):
-                await self._client.aclose()
+                await self._client.aclose(close_connection_pool=True)
