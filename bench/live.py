@@ -71,8 +71,9 @@ class HTTPConnection:
             data = await self.reader.readexactly(size + 2)
             yield data[:-2]
 
-    async def request(self, method: str, target: str, headers: dict[str, str] | None = None,
-                      body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    async def request(
+        self, method: str, target: str, headers: dict[str, str] | None = None, body: bytes = b""
+    ) -> tuple[int, dict[str, str], bytes]:
         self.send(method, target, headers, body)
         status, response_headers = await self.head()
         return status, response_headers, await self.body(response_headers)
@@ -85,6 +86,8 @@ class HTTPConnection:
 class Latencies:
     samples_ns: list[int] = field(default_factory=list)
     received: int = 0
+    expected: int = 0
+    all_received: asyncio.Event = field(default_factory=asyncio.Event)
 
     def record(self, payload: bytes, now_ns: int) -> None:
         for line in payload.split(b"\n"):
@@ -92,12 +95,22 @@ class Latencies:
                 sent = int(line.split(b":", 1)[1])
                 self.samples_ns.append(now_ns - sent)
                 self.received += 1
+        if self.expected and self.received >= self.expected:
+            self.all_received.set()
+
+    async def wait_all(self, expected: int, timeout: float) -> None:
+        """Until ``expected`` lines have arrived (or ``timeout`` seconds pass)."""
+        self.expected = expected
+        if self.received >= expected:
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.all_received.wait(), timeout)
 
     def percentile_ms(self, p: float) -> float:
         if not self.samples_ns:
             return float("nan")
         ordered = sorted(self.samples_ns)
-        return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))] / 1e6
+        return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] / 1e6
 
 
 async def create_stream(endpoint: Endpoint, name: str, content_type: str = "text/plain", body: bytes = b"") -> None:
@@ -110,14 +123,20 @@ async def create_stream(endpoint: Endpoint, name: str, content_type: str = "text
         conn.close()
 
 
-async def sse_reader(endpoint: Endpoint, name: str, latencies: Latencies, ready: Callable[[], None],
-                     stop: asyncio.Event, offset: str = "now") -> None:
+async def sse_reader(
+    endpoint: Endpoint,
+    name: str,
+    latencies: Latencies,
+    ready: Callable[[], None],
+    stop: asyncio.Event,
+    offset: str = "now",
+) -> None:
     """Follow a stream over SSE; every data line's latency goes to ``latencies``."""
     while not stop.is_set():
         conn = await HTTPConnection.open(endpoint)
         try:
             conn.send("GET", f"{endpoint.prefix}/{name}?offset={offset}&live=sse", {"Accept": "text/event-stream"})
-            status, headers = await conn.head()
+            status, _ = await conn.head()
             if status != 200:
                 raise RuntimeError(f"SSE {name}: {status}")
             buffer = b""
@@ -149,15 +168,18 @@ async def sse_reader(endpoint: Endpoint, name: str, latencies: Latencies, ready:
             conn.close()
 
 
-async def long_poll_reader(endpoint: Endpoint, name: str, latencies: Latencies, ready: Callable[[], None],
-                           stop: asyncio.Event) -> None:
+async def long_poll_reader(
+    endpoint: Endpoint, name: str, latencies: Latencies, ready: Callable[[], None], stop: asyncio.Event
+) -> None:
     conn = await HTTPConnection.open(endpoint)
     try:
         status, headers, _ = await conn.request("GET", f"{endpoint.prefix}/{name}?offset=now")
         offset, cursor = headers["stream-next-offset"], ""
         ready()
         while not stop.is_set():
-            target = f"{endpoint.prefix}/{name}?offset={offset}&live=long-poll" + (f"&cursor={cursor}" if cursor else "")
+            target = f"{endpoint.prefix}/{name}?offset={offset}&live=long-poll" + (
+                f"&cursor={cursor}" if cursor else ""
+            )
             status, headers, body = await conn.request("GET", target)
             now = time.time_ns()
             if status == 200:

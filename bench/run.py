@@ -34,7 +34,7 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import live  # noqa: E402
+import live
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -92,8 +92,13 @@ def start_reference() -> Server:
     if not (BENCH / "node_modules" / "@durable-streams" / "server").is_dir():
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=BENCH, check=True)
     port = free_port()
-    process = subprocess.Popen(["node", "reference-server.mjs"], cwd=BENCH, env={**os.environ, "PORT": str(port)},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        ["node", "reference-server.mjs"],
+        cwd=BENCH,
+        env={**os.environ, "PORT": str(port)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_ready(port, process, "reference server")
     return Server("reference", port, process)
 
@@ -102,8 +107,22 @@ def start_redis() -> tuple[str, subprocess.Popen[bytes]]:
     port = free_port()
     directory = tempfile.mkdtemp(prefix="bench-redis-")
     process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", directory], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            directory,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -119,9 +138,24 @@ def start_redis() -> tuple[str, subprocess.Popen[bytes]]:
 def start_ours(name: str, storage: str, workers: int, extra: list[subprocess.Popen[bytes]] | None = None) -> Server:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "durable_streams_asgi.cli", "serve", "--port", str(port), "--storage", storage,
-         "--workers", str(workers), "--log-level", "warning"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "durable_streams_asgi.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--storage",
+            storage,
+            "--workers",
+            str(workers),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_ready(port, process, name)
     return Server(name, port, process, extra or [])
 
@@ -134,15 +168,28 @@ def run_wrk(args: list[str]) -> dict[str, float]:
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     socket_errors = re.search(r"Socket errors:.*", out)
-    return {"rps": rps, "non_2xx": int(errors.group(1)) if errors else 0,
-            "socket_errors": socket_errors.group(0) if socket_errors else ""}
+    return {
+        "rps": rps,
+        "non_2xx": int(errors.group(1)) if errors else 0,
+        "socket_errors": socket_errors.group(0) if socket_errors else "",
+    }
 
 
 async def scenario_appends(ep: live.Endpoint, duration: int) -> dict[str, Any]:
     for i in range(32):
         await live.create_stream(ep, f"s{i}")
-    result = run_wrk(["-t2", "-c64", f"-d{duration}s", "-s", str(BENCH / "append.lua"),
-                      f"http://{ep.host}:{ep.port}", "--", ep.prefix])
+    result = run_wrk(
+        [
+            "-t2",
+            "-c64",
+            f"-d{duration}s",
+            "-s",
+            str(BENCH / "append.lua"),
+            f"http://{ep.host}:{ep.port}",
+            "--",
+            ep.prefix,
+        ]
+    )
     return {"appends_per_s": result["rps"], "non_2xx": result["non_2xx"], "socket_errors": result["socket_errors"]}
 
 
@@ -166,13 +213,15 @@ async def scenario_fanout(ep: live.Endpoint, mode: str, readers: int, messages: 
     tasks = await live.gather_ready(readers, lambda ready: reader(ep, name, latencies, ready, stop))
     await live.writer(ep, name, messages, 1 / rate)
     expected = readers * messages
-    deadline = time.monotonic() + 15
-    while latencies.received < expected and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    await latencies.wait_all(expected, 15)
     stop.set()
     await live.cancel_all(tasks)
-    return {f"{mode}_p50_ms": latencies.percentile_ms(50), f"{mode}_p99_ms": latencies.percentile_ms(99),
-            f"{mode}_delivered": latencies.received, f"{mode}_expected": expected}
+    return {
+        f"{mode}_p50_ms": latencies.percentile_ms(50),
+        f"{mode}_p99_ms": latencies.percentile_ms(99),
+        f"{mode}_delivered": latencies.received,
+        f"{mode}_expected": expected,
+    }
 
 
 async def scenario_tokens(ep: live.Endpoint, generations: int, tokens: int) -> dict[str, Any]:
@@ -181,19 +230,22 @@ async def scenario_tokens(ep: live.Endpoint, generations: int, tokens: int) -> d
         await live.create_stream(ep, name)
     latencies, stop = live.Latencies(), asyncio.Event()
     readers = iter(names)
-    tasks = await live.gather_ready(generations, lambda ready: live.sse_reader(ep, next(readers), latencies, ready,
-                                                                                 stop))
+    tasks = await live.gather_ready(
+        generations, lambda ready: live.sse_reader(ep, next(readers), latencies, ready, stop)
+    )
     started = time.monotonic()
     await asyncio.gather(*(live.writer(ep, name, tokens, 0) for name in names))
     expected = generations * tokens
-    deadline = time.monotonic() + 30
-    while latencies.received < expected and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
+    await latencies.wait_all(expected, 30)
     elapsed = time.monotonic() - started
     stop.set()
     await live.cancel_all(tasks)
-    return {"tokens_per_s": latencies.received / elapsed, "token_p99_ms": latencies.percentile_ms(99),
-            "tokens_delivered": latencies.received, "tokens_expected": expected}
+    return {
+        "tokens_per_s": latencies.received / elapsed,
+        "token_p99_ms": latencies.percentile_ms(99),
+        "tokens_delivered": latencies.received,
+        "tokens_expected": expected,
+    }
 
 
 async def scenario_idle(ep: live.Endpoint, server: Server, counts: list[int]) -> dict[str, Any]:
@@ -204,7 +256,9 @@ async def scenario_idle(ep: live.Endpoint, server: Server, counts: list[int]) ->
         before = server.rss()
         stop = asyncio.Event()
         sink = live.Latencies()
-        tasks = await live.gather_ready(count, lambda ready: live.sse_reader(ep, "idle", sink, ready, stop))
+        tasks = await live.gather_ready(
+            count, lambda ready, sink=sink, stop=stop: live.sse_reader(ep, "idle", sink, ready, stop)
+        )
         await asyncio.sleep(1.0)  # a measurement window, not synchronisation
         after = server.rss()
         stop.set()

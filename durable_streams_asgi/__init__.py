@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .app import AccessDenied, Authorize, Options, durable_streams_app, durable_streams_lifespan
 from .generation import Generation, generation_response, reconnect_response
+from .middleware import DurableStreamsMiddleware, streams_mount
 from .storage.base import (
     AppendRequest,
     AppendResult,
@@ -44,6 +45,7 @@ __all__ = [
     "ContentTypeMismatch",
     "CreateResult",
     "DurableStreams",
+    "DurableStreamsMiddleware",
     "Generation",
     "InvalidProducerSeq",
     "MemoryStorage",
@@ -67,4 +69,5 @@ __all__ = [
     "durable_streams_lifespan",
     "generation_response",
     "reconnect_response",
+    "streams_mount",
 ]

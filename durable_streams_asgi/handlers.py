@@ -38,7 +38,7 @@ logger = logging.getLogger("durable_streams_asgi")
 class _Request:
     """What a handler needs of one request, decoded once."""
 
-    __slots__ = ("headers", "method", "path", "query", "receive", "repeated", "scope")
+    __slots__ = ("_query", "_repeated", "headers", "method", "path", "receive", "scope")
 
     def __init__(self, scope: Scope, receive: Receive, path: str) -> None:
         self.scope = scope
@@ -47,13 +47,25 @@ class _Request:
         self.path = path
         # ASGI header names are lower-case; HTTP header values are latin-1 on the wire.
         self.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        self.query: dict[str, str] = {}
-        # Parameters given more than once: ambiguous, so refused where they matter.
-        self.repeated: set[str] = set()
-        for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True):
-            if key in self.query:
-                self.repeated.add(key)
-            self.query[key] = value
+        self._query: dict[str, str] | None = None
+        self._repeated: set[str] = set()
+
+    @property
+    def query(self) -> dict[str, str]:
+        """Query parameters, parsed on first use (writes have none)."""
+        if self._query is None:
+            self._query = {}
+            for key, value in parse_qsl(self.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True):
+                if key in self._query:
+                    self._repeated.add(key)
+                self._query[key] = value
+        return self._query
+
+    @property
+    def repeated(self) -> set[str]:
+        """Parameters given more than once: ambiguous, so refused where they matter."""
+        self.query  # noqa: B018 - parses
+        return self._repeated
 
     def url(self) -> str:
         """The stream's absolute URL as the client addressed it (for ``Location``)."""
@@ -112,18 +124,24 @@ class DurableStreamsASGI(ReadHandlers):
         origins = options.cors_origins
         self._any_origin = origins == "*" or (not isinstance(origins, str) and "*" in origins)
         self._origins = frozenset([origins] if isinstance(origins, str) else origins)
+        self._sse_event_cache = {}
+        # Every response carries these; built once.
+        self._common_headers: Headers = [
+            *self._security,
+            (b"access-control-allow-origin", b"*"),
+            _h("access-control-expose-headers", EXPOSED_HEADERS),
+        ]
 
     # -- plumbing ----------------------------------------------------------------------------
 
     def _base_headers(self, request: _Request) -> Headers:
-        headers = list(self._security)
         if self._any_origin:
-            headers.append((b"access-control-allow-origin", b"*"))
-        else:
-            origin = request.headers.get("origin")
-            if origin is not None and origin in self._origins:
-                headers.append(_h("access-control-allow-origin", origin))
-            headers.append((b"vary", b"Origin"))
+            return list(self._common_headers)
+        headers = list(self._security)
+        origin = request.headers.get("origin")
+        if origin is not None and origin in self._origins:
+            headers.append(_h("access-control-allow-origin", origin))
+        headers.append((b"vary", b"Origin"))
         headers.append(_h("access-control-expose-headers", EXPOSED_HEADERS))
         return headers
 

@@ -135,8 +135,11 @@ class Notifier:
     async def _send(self, command: str, channel: bytes) -> None:
         self._ensure_listener()
         pubsub = self._pubsub
-        if pubsub is None:
-            return  # between generations: the next one subscribes every channel with waiters
+        if pubsub is None or pubsub.connection is None or not pubsub.connection.is_connected:
+            # Between generations (or the connection just died): the listener's next generation
+            # subscribes every channel with waiters. Sending now would let redis-py reconnect this
+            # connection behind the listener's back.
+            return
         self._outstanding[channel] = self._outstanding.get(channel, 0) + 1
         try:
             if command == "subscribe":

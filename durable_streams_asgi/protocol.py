@@ -6,6 +6,7 @@ and becomes a 4xx with a short text body. Nothing in this module touches storage
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from datetime import datetime
@@ -167,6 +168,7 @@ def parse_live(value: str | None) -> str | None:
 # -- paths ------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8192)  # the same paths come again and again; results are immutable
 def validate_path(path: str) -> str:
     """The stream path below the mount point: no empty or dot segments, no control characters."""
     if not path or path == "/":

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sse_starlette.sse import EventSourceResponse
-from starlette.types import Send
+from starlette.types import Receive, Send
 
 from . import offsets, protocol, sse
 from .jsonmode import join_messages
@@ -26,6 +26,7 @@ class ReadHandlers:
     storage: Storage
     options: Options
     _catchup_cache_control: str
+    _sse_event_cache: dict[tuple[str, int, int, bool], bytes]
 
     # Provided by the handler.
     async def _send(self, send: Send, request: _Request, status: int, headers: Headers, body: bytes = b"") -> None:
@@ -101,22 +102,48 @@ class ReadHandlers:
         body = join_messages(result.items) if info.is_json else b"".join(result.items)
         await self._send(send, request, 200, headers, body)
 
+    def _sse_data_event(self, result: ReadResult, encode: bool) -> bytes:
+        """The framed data event for a read: built once, shared by every reader at that position
+        (an append to a stream with many live readers wakes them all for the same range)."""
+        key = (result.info.stream_id, result.start, result.next, encode)
+        cache = self._sse_event_cache
+        event = cache.get(key)
+        if event is None:
+            payload = join_messages(result.items) if result.info.is_json else b"".join(result.items)
+            event = sse.data_event(payload, base64_encode=encode)
+            if len(event) <= _SSE_CACHE_MAX_EVENT:
+                cache[key] = event
+                if len(cache) > _SSE_CACHE_ENTRIES:
+                    del cache[next(iter(cache))]  # oldest first: dicts keep insertion order
+        return event
+
     async def _sse(self, send: Send, request: _Request, start: int | None) -> None:
         # The first read happens before the response starts, so that a missing stream or a
         # bad offset is a plain 404/400 and not an event stream that ends at once.
         first = await self.storage.read(request.path, start, self.options.max_read_bytes)
         encode = sse.uses_base64(first.info.content_type)
-        headers = {
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            **{k.decode(): v.decode("latin-1") for k, v in self._base_headers(request)},
-        }
-        if encode:
-            headers["stream-sse-data-encoding"] = "base64"
-        response = EventSourceResponse(
-            self._sse_events(request, first, encode), headers=headers, ping=0, send_timeout=30
-        )
-        await response(request.scope, request.receive, send)
+        headers = self._base_headers(request)
+        headers += _SSE_HEADERS_BASE64 if encode else _SSE_HEADERS
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        # The stream is written by this task. A client that leaves is only noticed by receive()
+        # (sends to it are silently dropped), so one small watcher awaits that and cancels us:
+        # two tasks per live connection, which matters with thousands of them.
+        task = asyncio.current_task()
+        assert task is not None
+        gone = asyncio.Event()
+        watcher = asyncio.ensure_future(_watch_disconnect(request.receive, task, gone))
+        try:
+            async for chunk in self._sse_events(request, first, encode):
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not gone.is_set():
+                raise  # cancelled from outside (shutdown): let it propagate
+            task.uncancel()  # the client left: that ends the response, it is no error
+        except OSError:
+            pass  # the connection broke while we wrote
+        finally:
+            watcher.cancel()
 
     async def _sse_events(self, request: _Request, result: ReadResult, encode: bool) -> AsyncIterator[bytes]:
         options = self.options
@@ -130,8 +157,7 @@ class ReadHandlers:
             # says nothing.
             chunk = b""
             if result.items:
-                payload = join_messages(result.items) if result.info.is_json else b"".join(result.items)
-                chunk = sse.data_event(payload, base64_encode=encode)
+                chunk = self._sse_data_event(result, encode)
             if result.items or result.at_end or (result.up_to_date and not told_up_to_date):
                 told_up_to_date = result.up_to_date
                 cursor = offsets.next_cursor(client_cursor)
@@ -171,6 +197,26 @@ class ReadHandlers:
                 result = await self.storage.read(request.path, position, options.max_read_bytes)
             except StorageError:
                 return  # deleted or expired while we were reading: the reconnect will tell
+
+
+# The shared data-event cache: a few hundred recent ranges, each at most 256 KiB.
+_SSE_CACHE_ENTRIES = 256
+_SSE_CACHE_MAX_EVENT = 256 * 1024
+
+_SSE_HEADERS: Headers = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    # nginx and some proxies buffer responses unless told not to.
+    (b"x-accel-buffering", b"no"),
+]
+_SSE_HEADERS_BASE64: Headers = [*_SSE_HEADERS, (b"stream-sse-data-encoding", b"base64")]
+
+
+async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], gone: asyncio.Event) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
+    task.cancel()
 
 
 def _etag_matches(if_none_match: str | None, etag: str) -> bool:

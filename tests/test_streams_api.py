@@ -175,8 +175,14 @@ async def test_shutdown_waits_then_interrupts_with_a_record(storage_factory: Sto
     await asyncio.sleep(0.05)
     await streams.generations.shutdown()
     assert quick.done and slow.done
-    last = (await collect(streams, "/s"))[-1]
-    assert last == {"type": "error", "errorText": "generation interrupted: server shutting down"}
+    messages = await collect(streams, "/s")
+    info = await streams.head("/s")
+    assert messages[-1] == {"type": "error", "errorText": "generation interrupted: server shutting down"}, (
+        len(messages),
+        messages[-3:],
+        info.closed,
+        slow.task,
+    )
     assert (await streams.head("/s")).closed and (await streams.head("/q")).closed
 
 

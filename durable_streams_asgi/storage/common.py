@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 from .base import ContentTypeMismatch, InvalidForkSubOffset, OffsetOutOfRange, StreamConfig
@@ -9,6 +10,7 @@ from .base import ContentTypeMismatch, InvalidForkSubOffset, OffsetOutOfRange, S
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 
+@functools.lru_cache(maxsize=1024)
 def media_type(content_type: str | None) -> str:
     """``Text/Plain; charset=utf-8`` -> ``text/plain``: parameters and case do not matter."""
     if not content_type:

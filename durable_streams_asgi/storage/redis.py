@@ -161,6 +161,7 @@ class RedisStorage:
         self._scripts = {name: client.register_script(_load_script(name)) for name in _SCRIPTS}
         self._notifier: Notifier | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._inflight: dict[tuple[Any, ...], tuple[asyncio.Future[Any], float]] = {}
         self.sweep_interval = 5.0
 
     @classmethod
@@ -434,6 +435,30 @@ class RedisStorage:
     # -- read ------------------------------------------------------------------------------------
 
     async def read(self, path: str, start: int | None, max_bytes: int) -> ReadResult:
+        # One append wakes every reader of the stream at once, and they all read the same range:
+        # identical concurrent reads share one round trip (and its snapshot, which each of them
+        # could have got on its own).
+        return await self._shared(("read", path, start, max_bytes), self._read, path, start, max_bytes)
+
+    async def _shared(self, key: tuple[Any, ...], fn: Any, *args: Any, since: float = 0.0) -> Any:
+        """Run ``fn(*args)``, or join an identical call already under way that started at or after
+        ``since`` (loop time): a caller that needs state newer than some moment must not get an
+        answer read before it."""
+        entry = self._inflight.get(key)
+        if entry is None or entry[1] < since:
+            task = asyncio.ensure_future(fn(*args))
+            entry = (task, asyncio.get_running_loop().time())
+            self._inflight[key] = entry
+
+            def forget(_: Any, key: tuple[Any, ...] = key, entry: Any = entry) -> None:
+                if self._inflight.get(key) is entry:
+                    del self._inflight[key]
+
+            task.add_done_callback(forget)
+        # Shielded: one caller leaving (a client that disconnected) must not cancel the others'.
+        return await asyncio.shield(entry[0])
+
+    async def _read(self, path: str, start: int | None, max_bytes: int) -> ReadResult:
         result = await self._call("read", path, "" if start is None else str(start), str(max_bytes), "1")
         status = result[0]
         if status == b"range":
@@ -520,6 +545,9 @@ class RedisStorage:
         return await self._read_own(path, position, limit, is_json, budget, out, size)
 
     async def head(self, path: str) -> StreamInfo:
+        return await self._shared(("head", path), self._head, path)
+
+    async def _head(self, path: str) -> StreamInfo:
         result = await self._call("head", path)
         if result[0] != b"ok":
             raise self._status_error(result[0], path)
@@ -602,8 +630,10 @@ class RedisStorage:
         try:
             async with self._notifier.subscription(self._channel(path)) as changed:
                 # Subscribed (and confirmed) before this final check: no write can slip between.
+                # Waiters woken together share the check, but only one begun after this point.
+                confirmed = asyncio.get_running_loop().time()
                 try:
-                    info = await self.head(path)
+                    info = await self._shared(("head", path), self._head, path, since=confirmed)
                 except (StreamNotFound, StreamGone):
                     return True
                 if info.tail > position or info.closed:
