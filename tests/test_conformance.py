@@ -117,7 +117,13 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 EXAMPLES = ROOT / "examples"
-EXAMPLE_COMMANDS = {"fastapi": "main:app", "django": "asgi:application"}
+EXAMPLE_COMMANDS = {
+    "fastapi": "main:app",
+    "django": "asgi:application",
+    # A trivial host app wrapped by DurableStreamsMiddleware, run from the repository root.
+    "middleware": "tests.frameworks.middleware_host:app",
+}
+EXAMPLE_DIRS = {"middleware": ROOT}
 
 
 def serve_example(name: str, storage: str, prefix: str, tmp_path: Path) -> Iterator[str]:
@@ -137,7 +143,7 @@ def serve_example(name: str, storage: str, prefix: str, tmp_path: Path) -> Itera
         ["uvicorn", EXAMPLE_COMMANDS[name], "--port", str(port), "--log-level", "warning"],
         log,
         f"{url}/",
-        cwd=EXAMPLES / f"{name}_app",
+        cwd=EXAMPLE_DIRS.get(name, EXAMPLES / f"{name}_app"),
         env=env,
     )
     try:
@@ -161,6 +167,8 @@ SERVERS = [
     pytest.param(("redis", "fastapi", 1), id="fastapi-example-redis"),
     pytest.param(("memory", "django", 1), id="django-example-memory"),
     pytest.param(("redis", "django", 1), id="django-example-redis"),
+    # DurableStreamsMiddleware around a host app that does not speak lifespan.
+    pytest.param(("redis", "middleware", 1), id="middleware-redis"),
 ]
 
 
