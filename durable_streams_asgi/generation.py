@@ -99,10 +99,12 @@ class GenerationRunner:
         if not tasks:
             return
         _, pending = await asyncio.wait(tasks, timeout=self.shutdown_timeout)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
+        while pending:
+            # Cancel until they end: on Python 3.11 a cancellation can be lost inside
+            # asyncio.wait_for (which connection pools use), so one cancel() is not enough.
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=1.0)
 
     async def _run(
         self,

@@ -134,6 +134,8 @@ class ReadHandlers:
         watcher = asyncio.ensure_future(_watch_disconnect(request.receive, task, gone))
         try:
             async for chunk in self._sse_events(request, first, encode):
+                if gone.is_set():
+                    return  # the watcher's cancel was lost (see _watch_disconnect)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
@@ -215,6 +217,8 @@ _SSE_HEADERS_BASE64: Headers = [*_SSE_HEADERS, (b"stream-sse-data-encoding", b"b
 async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], gone: asyncio.Event) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+    # Also a flag: on Python 3.11 a cancellation can be lost inside asyncio.wait_for (used by
+    # connection pools); the writer then stops at its next event or keep-alive instead.
     gone.set()
     task.cancel()
 
