@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -149,7 +150,9 @@ class ReadHandlers:
 
     async def _sse_events(self, request: _Request, result: ReadResult, encode: bool) -> AsyncIterator[bytes]:
         options = self.options
-        client_cursor = request.query.get("cursor")
+        # The first cursor answers the client's (strictly after it, section 10.1); later ones only
+        # move forward with the clock.
+        first_cursor = int(offsets.next_cursor(request.query.get("cursor")))
         deadline = time.monotonic() + options.sse_max_duration
         told_up_to_date = False
         while True:
@@ -162,14 +165,8 @@ class ReadHandlers:
                 chunk = self._sse_data_event(result, encode)
             if result.items or result.at_end or (result.up_to_date and not told_up_to_date):
                 told_up_to_date = result.up_to_date
-                cursor = offsets.next_cursor(client_cursor)
-                client_cursor = cursor
-                chunk += sse.control_event(
-                    offsets.encode_offset(result.next),
-                    cursor=cursor,
-                    up_to_date=result.up_to_date,
-                    closed=result.at_end,
-                )
+                cursor = max(first_cursor, offsets.current_cursor_interval())
+                chunk += _control_event(result.next, cursor, result.up_to_date, result.at_end)
             if chunk:
                 yield chunk
             if result.at_end:
@@ -212,6 +209,12 @@ _SSE_HEADERS: Headers = [
     (b"x-accel-buffering", b"no"),
 ]
 _SSE_HEADERS_BASE64: Headers = [*_SSE_HEADERS, (b"stream-sse-data-encoding", b"base64")]
+
+
+@functools.lru_cache(maxsize=4096)
+def _control_event(position: int, cursor: int, up_to_date: bool, closed: bool) -> bytes:
+    """Control events are the same for every reader at a position: encoded once."""
+    return sse.control_event(offsets.encode_offset(position), cursor=str(cursor), up_to_date=up_to_date, closed=closed)
 
 
 async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], gone: asyncio.Event) -> None:

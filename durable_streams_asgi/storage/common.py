@@ -2,12 +2,43 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from dataclasses import replace
+from typing import Any
 
 from .base import ContentTypeMismatch, InvalidForkSubOffset, OffsetOutOfRange, StreamConfig
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+
+async def wait_resolved(shared: asyncio.Future[Any], timeout: float) -> bool:
+    """Wait until ``shared`` is resolved (True) or ``timeout`` seconds pass (False), without ever
+    cancelling it: many waiters share one future per stream.
+
+    A waiter future of its own and a timer: leaner than ``asyncio.wait``, which matters when one
+    append wakes thousands of readers.
+    """
+    if shared.done():
+        return True
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[bool] = loop.create_future()
+
+    def woken(_: object) -> None:
+        if not waiter.done():
+            waiter.set_result(True)
+
+    def timed_out() -> None:
+        if not waiter.done():
+            waiter.set_result(False)
+
+    shared.add_done_callback(woken)
+    timer = loop.call_later(timeout, timed_out)
+    try:
+        return await waiter
+    finally:
+        timer.cancel()
+        shared.remove_done_callback(woken)
 
 
 @functools.lru_cache(maxsize=1024)

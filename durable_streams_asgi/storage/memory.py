@@ -38,7 +38,14 @@ from .base import (
 from .base import (
     StorageError as StorageError,  # re-exported for convenience
 )
-from .common import DEFAULT_CONTENT_TYPE, config_matches, is_json_content_type, resolve_fork, same_content_type
+from .common import (
+    DEFAULT_CONTENT_TYPE,
+    config_matches,
+    is_json_content_type,
+    resolve_fork,
+    same_content_type,
+    wait_resolved,
+)
 
 # How often expired streams are swept out, at most (seconds). Expiry itself is exact: every
 # access checks the stream's own deadline; the sweep only frees memory of streams nobody reads.
@@ -60,6 +67,7 @@ class _Producer:
 
 class _Stream:
     __slots__ = (
+        "_info",
         "base",
         "changed",
         "chunks",
@@ -108,6 +116,7 @@ class _Stream:
         self.producers: dict[str, _Producer] = {}
         self.deadline: float | None = None
         self.changed: asyncio.Future[None] | None = None
+        self._info: StreamInfo | None = None
         self.touch(now)
 
     @property
@@ -169,9 +178,13 @@ class _Stream:
             self.changed = None
 
     def info(self) -> StreamInfo:
+        # Built once per change (tail, closure), not once per read: many readers read between.
+        info = self._info
+        if info is not None and info.tail == self.tail and info.closed == self.closed:
+            return info
         c = self.config
         assert c.content_type is not None
-        return StreamInfo(
+        self._info = info = StreamInfo(
             content_type=c.content_type,
             tail=self.tail,
             closed=self.closed,
@@ -180,6 +193,7 @@ class _Stream:
             stream_id=self.stream_id,
             is_json=self.is_json,
         )
+        return info
 
 
 class MemoryStorage:
@@ -351,8 +365,7 @@ class MemoryStorage:
             return True
         if stream.changed is None:
             stream.changed = asyncio.get_running_loop().create_future()
-        done, _ = await asyncio.wait((stream.changed,), timeout=timeout)
-        return bool(done)
+        return await wait_resolved(stream.changed, timeout)
 
     async def aclose(self) -> None:
         for stream in self._streams.values():

@@ -68,7 +68,7 @@ from .base import (
     StreamInfo,
     StreamNotFound,
 )
-from .common import DEFAULT_CONTENT_TYPE, config_matches, is_json_content_type, media_type
+from .common import DEFAULT_CONTENT_TYPE, config_matches, is_json_content_type, media_type, wait_resolved
 
 logger = logging.getLogger("durable_streams_asgi.redis")
 
@@ -641,8 +641,7 @@ class RedisStorage:
                 remaining = deadline - asyncio.get_running_loop().time()
                 if remaining <= 0:
                     return False
-                done, _ = await asyncio.wait((changed,), timeout=remaining)
-                return bool(done)
+                return await wait_resolved(changed, remaining)
         except NotifierUnavailable as exc:
             raise StorageUnavailable(str(exc)) from exc
 
