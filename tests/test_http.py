@@ -453,3 +453,29 @@ async def test_sse_sends_each_data_event_with_its_control_event_in_one_write(sto
     data_chunks = [b for b in bodies if b"event: data" in b]
     assert len(data_chunks) == 1
     assert data_chunks[0].index(b"event: data") < data_chunks[0].index(b"event: control\n")
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "offset=-1&live=sse",
+        "offset=&x",
+        "a=1&a=2",
+        "offset=now&live=long-poll&cursor=123",
+        "",
+        "k",
+        "=v",
+        "a=b=c",
+        "x&&y=1",
+        "offset=0000000000000000_0000000000000001%20",
+        "a=%2F&b=c+d",
+        "a=1;b=2",
+    ],
+)
+def test_query_parsing_matches_the_standard_library(query: str) -> None:
+    from urllib.parse import parse_qsl
+
+    from durable_streams_asgi.handlers import _Request
+
+    request = _Request({"method": "GET", "headers": [], "query_string": query.encode()}, None, "/")  # type: ignore[arg-type]
+    assert request.query == dict(parse_qsl(query, keep_blank_values=True))
