@@ -169,3 +169,18 @@ async def live_client(storage: Storage, app_options: dict[str, object]) -> Async
     async with running_server(make_host_app(storage, **app_options)) as url:
         async with httpx.AsyncClient(base_url=f"{url}/v1/stream", timeout=10) as c:
             yield c
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
+    """(event, data) pairs of an SSE response, parsed as an EventSource does."""
+    event, data = None, []
+    async for line in response.aiter_lines():
+        if line == "":
+            if event is not None:
+                yield event, "\n".join(data)
+            event, data = None, []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            value = line[5:]
+            data.append(value[1:] if value.startswith(" ") else value)

@@ -30,7 +30,7 @@ import pytest
 from durable_streams_asgi import DurableStreams
 from durable_streams_asgi.storage.redis import RedisStorage
 
-from .conftest import free_port, unique_prefix
+from .conftest import free_port, sse_events, unique_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "django_app"
@@ -146,20 +146,6 @@ async def user(server: Server) -> AsyncIterator[httpx.AsyncClient]:
         assert r.status_code == 200 and r.json() == {"user": USER["username"]}
         assert "sessionid" in client.cookies
         yield client
-
-
-async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
-    event, data = None, []
-    async for line in response.aiter_lines():
-        if line == "":
-            if event is not None:
-                yield event, "\n".join(data)
-            event, data = None, []
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            value = line[5:]
-            data.append(value[1:] if value.startswith(" ") else value)
 
 
 async def read_json_sse(client: httpx.AsyncClient, url: str) -> list[Any]:

@@ -13,7 +13,7 @@ import pytest
 
 from durable_streams_asgi.storage.base import Storage
 
-from .conftest import make_host_app
+from .conftest import make_host_app, sse_events
 
 TEXT = {"Content-Type": "text/plain"}
 JSON_CT = {"Content-Type": "application/json"}
@@ -337,20 +337,6 @@ async def test_long_poll_wakes_on_close(client: httpx.AsyncClient) -> None:
 
 
 # -- SSE over a real server -----------------------------------------------------------------
-
-
-async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
-    event, data = None, []
-    async for line in response.aiter_lines():
-        if line == "":
-            if event is not None:
-                yield event, "\n".join(data)
-            event, data = None, []
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            value = line[5:]
-            data.append(value[1:] if value.startswith(" ") else value)
 
 
 async def test_sse_catch_up_live_and_close(live_client: httpx.AsyncClient) -> None:

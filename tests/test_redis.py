@@ -21,8 +21,7 @@ from redis.crc import key_slot
 from durable_streams_asgi.storage.base import AppendRequest, StorageUnavailable, StreamConfig, StreamNotFound
 from durable_streams_asgi.storage.redis import RedisStorage, StreamDataMissing
 
-from .conftest import free_port, make_host_app, redis_server, running_server, unique_prefix
-from .test_http import sse_events
+from .conftest import free_port, make_host_app, redis_server, running_server, sse_events, unique_prefix
 
 TEXT = {"Content-Type": "text/plain"}
 

@@ -13,7 +13,7 @@ import asyncio
 import base64
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -21,6 +21,8 @@ import httpx
 
 from durable_streams_asgi import DurableStreams, StreamNotFound
 from durable_streams_asgi.storage.base import Storage
+
+from ..conftest import sse_events
 
 TEXT = {"Content-Type": "text/plain"}
 JSON_CT = {"Content-Type": "application/json"}
@@ -51,20 +53,6 @@ class ParkedReaders:
 
 
 Parked = Callable[[str], asyncio.Event]
-
-
-async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
-    event, data = None, []
-    async for line in response.aiter_lines():
-        if line == "":
-            if event is not None:
-                yield event, "\n".join(data)
-            event, data = None, []
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            value = line[5:]
-            data.append(value[1:] if value.startswith(" ") else value)
 
 
 async def check_protocol(
