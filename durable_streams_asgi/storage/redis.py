@@ -50,9 +50,6 @@ from .base import (
     AppendResult,
     ContentTypeMismatch,
     CreateResult,
-    ForkSourceGone,
-    ForkSourceNotFound,
-    InvalidForkSubOffset,
     InvalidProducerSeq,
     OffsetOutOfRange,
     ProducerSeqGap,
@@ -69,6 +66,8 @@ from .base import (
     StreamNotFound,
 )
 from .common import DEFAULT_CONTENT_TYPE, config_matches, is_json_content_type, media_type, wait_resolved
+from .redis_forks import ForkReferences
+from .redis_layout import _escape, _fork_origin, _info, _text
 
 logger = logging.getLogger("durable_streams_asgi.redis")
 
@@ -88,40 +87,11 @@ _UNAVAILABLE_REPLIES = (
     "ASK",
 )
 _SCRIPTS = ("create", "append", "read", "head", "delete", "fork_ref", "release")
-# How long a fork reference may exist before its fork does (creation takes one round trip).
-_FORK_GRACE_MS = 60_000
 
 
 def _load_script(name: str) -> str:
     lua = resources.files(__package__).joinpath("lua")
     return lua.joinpath("common.lua").read_text() + "\n" + lua.joinpath(f"{name}.lua").read_text()
-
-
-def _escape(path: str) -> str:
-    return path.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _info(fields: Sequence[bytes]) -> StreamInfo:
-    tail, closed, ct, ttl, exp, sid, is_json = fields[:7]
-    return StreamInfo(
-        content_type=_text(ct),
-        tail=int(tail),
-        closed=closed == b"1",
-        ttl_seconds=int(ttl) if ttl else None,
-        expires_at=int(exp) / 1000 if exp else None,
-        stream_id=_text(sid),
-        is_json=is_json == b"1",
-    )
-
-
-def _fork_origin(fields: Sequence[bytes]) -> tuple[str | None, int]:
-    """(source path, fork point) from the info fields; (None, 0) for a stream that is no fork."""
-    src, base = fields[7], fields[8]
-    return (_text(src) if src else None), int(base or 0)
 
 
 class StreamDataMissing(StorageError):
@@ -136,7 +106,7 @@ def _response_error(exc: ResponseError) -> Exception:
     return exc
 
 
-class RedisStorage:
+class RedisStorage(ForkReferences):
     """Streams in Redis (>= 6.2, or Valkey), shared by every process that uses the same Redis.
 
     Build it with :meth:`from_url`, or pass a ``redis.asyncio.Redis`` client created with
@@ -322,70 +292,6 @@ class RedisStorage:
             return CreateResult(created=True, info=_info(result[2:]))
         return self._existing(result, config)
 
-    async def _create_fork(self, path: str, config: StreamConfig, items: Sequence[bytes]) -> CreateResult:
-        """Take a reference on the source (its slot), then create the fork (its own slot).
-
-        The two steps cannot be one transaction on a cluster, so the fork is entered in the fork
-        index first, due for a check after a grace period: if this process dies between the steps,
-        or the create's outcome is unknown, the sweeper finds the reference without a fork and
-        releases it. A reference is released here only when the path provably holds another stream.
-        """
-        assert config.fork_from is not None
-        source = config.fork_from
-        # An existing stream at the path answers without touching the source.
-        existing = await self._call("head", path)
-        if existing[0] != b"missing":
-            return self._existing(existing, config)
-        stream_id = uuid.uuid4().hex[:16]
-        member = f"{path}\n{stream_id}"
-        indexed = f"{member}\n{source}"
-        now = await self._time_ms()
-        await self._command("ZADD", self._index, now + _FORK_GRACE_MS, indexed)
-        ref = await self._call(
-            "fork_ref",
-            source,
-            member,
-            "" if config.fork_offset is None else str(config.fork_offset),
-            str(config.fork_sub_offset),
-            "" if config.content_type is None else media_type(config.content_type),
-        )
-        status = ref[0]
-        if status != b"ok":
-            await self._unindex(indexed)
-            if status == b"gone":
-                raise ForkSourceGone(source)
-            if status == b"range":
-                raise OffsetOutOfRange(config.fork_offset or 0)
-            if status == b"sub":
-                raise InvalidForkSubOffset(config.fork_sub_offset)
-            if status == b"ct":
-                raise ContentTypeMismatch(config.content_type)
-            raise ForkSourceNotFound(source)
-        anchor, point = int(ref[1]), int(ref[2])
-        content_type = _text(ref[3])
-        ttl, expires_at = config.ttl_seconds, config.expires_at
-        if ttl is None and expires_at is None:  # inherit the source's (PROTOCOL.md 4.2)
-            ttl = int(ref[5]) if ref[5] else None
-            expires_at = int(ref[6]) / 1000 if ref[6] else None
-        try:
-            result = await self._create(
-                path, config, content_type, ttl, expires_at, items, stream_id=stream_id, base=point, fork_offset=anchor
-            )
-        except StreamExists:
-            await self._release_quietly(source, member, indexed)  # another stream holds the path
-            raise
-        if not result.created:
-            await self._release_quietly(source, member, indexed)  # an identical fork won the race
-            return result
-        # Check on the fork when it is due to expire (never, without an expiry).
-        if ttl is None and expires_at is None:
-            await self._unindex(indexed)
-        else:
-            due = now + ttl * 1000 if ttl is not None else round((expires_at or 0) * 1000)
-            with contextlib.suppress(StorageError):
-                await self._command("ZADD", self._index, due, indexed)
-        return result
-
     # -- append ----------------------------------------------------------------------------------
 
     async def append(self, path: str, request: AppendRequest) -> AppendResult:
@@ -566,60 +472,6 @@ class RedisStorage:
             source, member = _text(result[1]), f"{path}\n{_text(result[2])}"
             # The fork is gone; dropping its reference may fail now and is then the sweeper's job.
             await self._release_quietly(source, member, f"{member}\n{source}")
-
-    async def _release(self, source: str, member: str) -> None:
-        """Drop a fork's reference on ``source``, cascading up the chain as sources go."""
-        while True:
-            result = await self._call("release", source, member)
-            if result[0] != b"deleted" or not result[1]:
-                return
-            member = f"{source}\n{_text(result[2])}"
-            upstream = _text(result[1])
-            await self._unindex(f"{member}\n{upstream}")
-            source = upstream
-
-    async def _release_quietly(self, source: str, member: str, indexed: str) -> None:
-        try:
-            await self._release(source, member)
-            await self._unindex(indexed)
-        except StorageError as exc:
-            logger.warning("could not release fork reference %r on %r (%s); the sweeper will", member, source, exc)
-            with contextlib.suppress(StorageError):
-                await self._command("ZADD", self._index, 0, indexed)
-
-    async def _unindex(self, indexed: str) -> None:
-        with contextlib.suppress(StorageError):
-            await self._command("ZREM", self._index, indexed)
-
-    async def sweep(self) -> int:
-        """Release the references of forks that are gone (expired by Redis, or never created
-        because a process died half-way). Returns how many it released. Runs every
-        ``sweep_interval`` seconds in every process; concurrent sweeps are harmless."""
-        now = await self._time_ms()
-        due = await self._command("ZRANGEBYSCORE", self._index, "-inf", now, "LIMIT", 0, 200)
-        released = 0
-        for raw in due:
-            fork_path, fork_id, source = _text(raw).split("\n")
-            current, deadline = await self._command("HMGET", self._keys(fork_path)[0], "id", "dl")
-            if current is not None and _text(current) == fork_id:
-                if not deadline:
-                    await self._unindex(_text(raw))
-                else:
-                    # A sliding TTL moved on, or the fork is kept for forks of its own: later.
-                    await self._command("ZADD", self._index, max(int(deadline), now + _FORK_GRACE_MS), raw)
-                continue
-            await self._release(source, f"{fork_path}\n{fork_id}")
-            await self._unindex(_text(raw))
-            released += 1
-        return released
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.sweep_interval)
-            try:
-                await self.sweep()
-            except Exception as exc:
-                logger.debug("fork sweep failed: %s", exc)
 
     # -- live ------------------------------------------------------------------------------------
 
