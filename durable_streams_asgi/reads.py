@@ -29,16 +29,14 @@ class ReadHandlers:
     _catchup_cache_control: str
     _sse_event_cache: dict[tuple[str, int, int, bool], bytes]
 
-    # Provided by the handler.
-    async def _send(self, send: Send, request: _Request, status: int, headers: Headers, body: bytes = b"") -> None:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by the handler
 
-    def _base_headers(self, request: _Request) -> Headers:
-        raise NotImplementedError
-
-    @staticmethod
-    def _stream_headers(info: StreamInfo, *, next_position: int | None = None) -> Headers:
-        raise NotImplementedError
+        async def _send(
+            self, send: Send, request: _Request, status: int, headers: Headers, body: bytes = b""
+        ) -> None: ...
+        def _base_headers(self, request: _Request) -> Headers: ...
+        @staticmethod
+        def _stream_headers(info: StreamInfo, *, next_position: int | None = None) -> Headers: ...
 
     async def _get(self, send: Send, request: _Request) -> None:
         q = request.query
@@ -53,8 +51,9 @@ class ReadHandlers:
             await self._sse(send, request, start)
             return
         result = await self.storage.read(request.path, start, self.options.max_read_bytes)
-        if live == "long-poll" and not result.items and not result.info.closed:
-            result = await self._long_poll(request, result)
+        if live == "long-poll" and not result.items:
+            if not result.info.closed:  # closed and at the end: EOF at once, never wait
+                result = await self._long_poll(request, result)
             if not result.items:
                 headers = self._stream_headers(result.info, next_position=result.next)
                 headers += [(b"stream-up-to-date", b"true"), (b"cache-control", b"no-store")]
@@ -62,12 +61,6 @@ class ReadHandlers:
                     headers.append(_h("stream-cursor", offsets.next_cursor(q.get("cursor"))))
                 await self._send(send, request, 204, headers)
                 return
-        if live == "long-poll" and not result.items:
-            # Closed and at the end: EOF at once, never wait.
-            headers = self._stream_headers(result.info, next_position=result.next)
-            headers += [(b"stream-up-to-date", b"true"), (b"cache-control", b"no-store")]
-            await self._send(send, request, 204, headers)
-            return
         await self._send_read(send, request, result, now=start is None, live=live is not None)
 
     async def _long_poll(self, request: _Request, result: ReadResult) -> ReadResult:
