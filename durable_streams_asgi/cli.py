@@ -14,13 +14,12 @@ from collections.abc import Sequence
 
 from starlette.types import Receive, Scope, Send
 
-from .app import durable_streams_app, streams_handler
+from .middleware import DurableStreamsMiddleware
 from .storage.base import Storage
 from .storage.memory import MemoryStorage
 
 DEFAULT_PORT = 4437  # PROTOCOL.md section 13.1
 MOUNT_PATH = "/v1/stream"
-_MOUNT_PREFIX = MOUNT_PATH + "/"
 
 _ENV_STORAGE = "DURABLE_STREAMS_STORAGE"
 _ENV_LONG_POLL = "DURABLE_STREAMS_LONG_POLL_TIMEOUT"
@@ -48,56 +47,34 @@ def make_storage(spec: str, key_prefix: str = "ds:") -> Storage:
     raise UsageError(f"unknown storage {spec!r}: use 'memory' or a redis:// URL")
 
 
-class StandaloneServer:
-    """The standalone server: streams under ``/v1/stream``, a health check at ``/healthz``.
-
-    A plain ASGI dispatcher rather than a Starlette router: with one prefix to match, routing
-    layers would only add cost to every append.
-    """
-
-    def __init__(self, storage: Storage, *, long_poll_timeout: float = 30.0, sse_max_duration: float = 60.0) -> None:
-        self.storage = storage
-        self.streams = durable_streams_app(
-            storage, long_poll_timeout=long_poll_timeout, sse_max_duration=sse_max_duration
-        )
-        self._handler = streams_handler(self.streams)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            root = scope.get("root_path", "")
-            path = scope["path"]
-            relative = path[len(root) :] if root and path.startswith(root) else path
-            if relative.startswith(MOUNT_PATH) and (
-                len(relative) == len(MOUNT_PATH) or relative[len(MOUNT_PATH)] == "/"
-            ):
-                scope["root_path"] = root + MOUNT_PATH
-                await self._handler(scope, receive, send)
-            else:
-                status, body = (200, b"ok") if relative == "/healthz" else (404, b"not found")
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": status,
-                        "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
-        elif scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await self.storage.aclose()
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+async def _outside_streams(scope: Scope, receive: Receive, send: Send) -> None:
+    """Everything but the streams: a health check at ``/healthz``, 404 elsewhere."""
+    if scope["type"] != "http":
+        return  # lifespan: answered by the middleware, which closes the storage on shutdown
+    root = scope.get("root_path", "")
+    path = scope["path"]
+    relative = path[len(root) :] if root and path.startswith(root) else path
+    status, body = (200, b"ok") if relative == "/healthz" else (404, b"not found")
+    headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
-def build_app(storage: Storage, *, long_poll_timeout: float = 30.0, sse_max_duration: float = 60.0) -> StandaloneServer:
-    return StandaloneServer(storage, long_poll_timeout=long_poll_timeout, sse_max_duration=sse_max_duration)
+def build_app(
+    storage: Storage, *, long_poll_timeout: float = 30.0, sse_max_duration: float = 60.0
+) -> DurableStreamsMiddleware:
+    """The standalone server: streams under ``/v1/stream`` (the same middleware host apps use),
+    a health check at ``/healthz``."""
+    return DurableStreamsMiddleware(
+        _outside_streams,
+        prefix=MOUNT_PATH,
+        storage=storage,
+        long_poll_timeout=long_poll_timeout,
+        sse_max_duration=sse_max_duration,
+    )
 
 
-def server_app() -> StandaloneServer:
+def server_app() -> DurableStreamsMiddleware:
     """uvicorn factory: each worker process builds its app from the environment."""
     return build_app(
         make_storage(os.environ.get(_ENV_STORAGE, "memory"), os.environ.get(_ENV_KEY_PREFIX, "ds:")),
