@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from . import offsets
+from .jsonmode import encode_message
 from .storage.base import AppendRequest, Producer, StreamConfig
 from .storage.common import is_json_content_type
 
@@ -122,7 +123,7 @@ class GenerationRunner:
 
         def encode(item: Any) -> bytes:
             if is_json:
-                return json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+                return encode_message(item)
             return item.encode("utf-8") if isinstance(item, str) else bytes(item)
 
         in_flight: AppendRequest | None = None

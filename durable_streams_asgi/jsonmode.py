@@ -76,6 +76,11 @@ def split_messages(body: bytes) -> list[bytes]:
         raise InvalidJSON("JSON nested too deeply") from exc
 
 
+def encode_message(value: object) -> bytes:
+    """A Python value as one message's JSON text (compact, UTF-8)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
 def join_messages(messages: list[bytes]) -> bytes:
     """A read's body: the messages as one JSON array."""
     return b"[" + b",".join(messages) + b"]"

@@ -25,7 +25,7 @@ from starlette.applications import Starlette
 from . import offsets, protocol
 from .app import Authorize, durable_streams_app
 from .generation import Generation, GenerationRunner
-from .jsonmode import split_messages
+from .jsonmode import encode_message, join_messages, split_messages
 from .protocol import ProtocolError
 from .storage.base import AppendRequest, AppendResult, Producer, Storage, StreamConfig, StreamInfo
 from .storage.common import DEFAULT_CONTENT_TYPE, is_json_content_type
@@ -60,10 +60,6 @@ def _path(path: str) -> str:
 
 def _as_bytes(data: bytes | str) -> bytes:
     return data.encode("utf-8") if isinstance(data, str) else data
-
-
-def _json_message(message: Any) -> bytes:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 class DurableStreams:
@@ -107,7 +103,7 @@ class DurableStreams:
             expires_at = expires_at.timestamp()
         items: list[bytes] = []
         if messages is not None:
-            items = [_json_message(m) for m in messages]
+            items = [encode_message(m) for m in messages]
         elif data:
             raw = _as_bytes(data)
             items = split_messages(raw) if is_json_content_type(content_type) else [raw]
@@ -136,7 +132,7 @@ class DurableStreams:
         self, path: str, *messages: Any, close: bool = False, seq: str | None = None, producer: Producer | None = None
     ) -> AppendResult:
         """Append Python values as JSON messages, one message each."""
-        items = [_json_message(m) for m in messages]
+        items = [encode_message(m) for m in messages]
         return await self.storage.append(
             _path(path), AppendRequest("application/json", items, close=close, seq=seq, producer=producer)
         )
@@ -177,7 +173,7 @@ class DurableStreams:
             if result.items or first or result.at_end:
                 first = False
                 is_json = result.info.is_json
-                data = (b"[" + b",".join(result.items) + b"]") if is_json else b"".join(result.items)
+                data = join_messages(result.items) if is_json else b"".join(result.items)
                 yield Chunk(
                     data=data,
                     messages=[json.loads(m) for m in result.items] if is_json else [],
