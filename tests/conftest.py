@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -25,6 +26,39 @@ from durable_streams_asgi.storage.base import Storage
 BACKENDS = ["memory", "redis"]
 
 StorageFactory = Callable[[], Awaitable[Storage]]
+
+
+def spawn(
+    args: list[str], log: Path, ready_url: str, *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``python -m <args>`` and wait until ``ready_url`` answers 200 (or fail the test)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", *args], stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=cwd, env=env
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"{args[0]} exited with {process.returncode}: {log.read_text()}")
+        try:
+            if httpx.get(ready_url, timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"{args[0]} did not start within 30 s: {log.read_text()}")
+        time.sleep(0.1)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Terminate, and kill what does not exit within 15 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def free_port() -> int:

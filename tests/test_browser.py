@@ -9,16 +9,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from .conftest import free_port, unique_prefix
+from .conftest import free_port, spawn, stop, unique_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "fastapi_app"
@@ -75,29 +72,12 @@ def example_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
         env["REDIS_URL"] = request.getfixturevalue("redis_url")
         env["DURABLE_STREAMS_KEY_PREFIX"] = unique_prefix()
     log = tmp_path / "example.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port)],
-        cwd=EXAMPLE,
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
     url = f"http://127.0.0.1:{port}"
+    process = spawn(["uvicorn", "main:app", "--port", str(port)], log, url, cwd=EXAMPLE, env=env)
     try:
-        deadline = time.monotonic() + 30
-        while True:  # readiness: the page is served
-            try:
-                if httpx.get(url, timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"example did not start: {log.read_text()}")
-            time.sleep(0.1)
         yield url
     finally:
-        process.terminate()
-        process.wait(timeout=15)
+        stop(process)
     assert "Traceback" not in log.read_text(), log.read_text()
 
 

@@ -7,15 +7,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from .conftest import free_port, unique_prefix
+from .conftest import free_port, spawn, stop, unique_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFORMANCE = ROOT / "conformance"
@@ -31,28 +28,6 @@ def ensure_conformance_installed() -> str:
     if not (CONFORMANCE / "node_modules" / "@durable-streams" / "server-conformance-tests").is_dir():
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=CONFORMANCE, check=True)
     return npx
-
-
-def spawn(
-    args: list[str], log: Path, ready_url: str, *, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    """Start a process and wait until ``ready_url`` answers 200."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", *args], stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=cwd, env=env
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"{args[0]} exited with {process.returncode}: {log.read_text()}")
-        try:
-            if httpx.get(ready_url, timeout=1).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"{args[0]} did not start within 30 s: {log.read_text()}")
-        time.sleep(0.1)
 
 
 def serve_args(port: int, storage: str, workers: int, prefix: str) -> list[str]:
@@ -106,12 +81,7 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
             yield f"http://127.0.0.1:{port}"
     finally:
         for process in started:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
     for log in logs:
         assert "Traceback" not in log.read_text(), log.read_text()[-5000:]
 
@@ -149,8 +119,7 @@ def serve_example(name: str, storage: str, prefix: str, tmp_path: Path) -> Itera
     try:
         yield url
     finally:
-        process.terminate()
-        process.wait(timeout=15)
+        stop(process)
     assert "Traceback" not in log.read_text(), log.read_text()[-5000:]
 
 

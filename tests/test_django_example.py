@@ -30,7 +30,7 @@ import pytest
 from durable_streams_asgi import DurableStreams
 from durable_streams_asgi.storage.redis import RedisStorage
 
-from .conftest import free_port, sse_events, unique_prefix
+from .conftest import free_port, spawn, sse_events, stop, unique_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "django_app"
@@ -93,31 +93,24 @@ def example_server(log: Path, **env: str) -> Iterator[Server]:
     }
     full_env.update(ENV, **env)
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "uvicorn", "asgi:application", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--lifespan", "on", "--log-level", "warning"]
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=EXAMPLE, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    args = [
+        "uvicorn",
+        "asgi:application",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--lifespan",
+        "on",
+        "--log-level",
+        "warning",
+    ]
     url = f"http://127.0.0.1:{port}"
+    process = spawn(args, log, f"{url}/api/me", cwd=EXAMPLE, env=full_env)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/api/me", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the Django example did not start:\n{log.read_text()}")
-            time.sleep(0.05)
         yield Server(url, process, log)
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process)
 
 
 @pytest.fixture(scope="module", params=["memory", "redis"])

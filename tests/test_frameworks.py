@@ -32,12 +32,11 @@ from redis.asyncio import Redis
 from durable_streams_asgi import DurableStreams, DurableStreamsMiddleware, MemoryStorage, StreamNotFound, streams_mount
 from durable_streams_asgi.storage.base import Storage
 
-from .conftest import free_port, unique_prefix
+from .conftest import free_port, spawn, unique_prefix
 from .frameworks.apps import BUILDERS, PREFIX, SHAPES, Log, hello_text
 from .frameworks.env import CLOSED_MARKER
 from .frameworks.protocol import TEXT, ParkedReaders, check_protocol
 from .roundrobin import RoundRobinProxy
-from .test_conformance import spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONS: dict[str, Any] = {"long_poll_timeout": 10.0, "sse_max_duration": 20.0}

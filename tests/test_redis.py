@@ -7,7 +7,6 @@ import base64
 import contextlib
 import json
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -21,45 +20,29 @@ from redis.crc import key_slot
 from durable_streams_asgi.storage.base import AppendRequest, StorageUnavailable, StreamConfig, StreamNotFound
 from durable_streams_asgi.storage.redis import RedisStorage, StreamDataMissing
 
-from .conftest import free_port, make_host_app, redis_server, running_server, sse_events, unique_prefix
+from .conftest import free_port, make_host_app, redis_server, running_server, spawn, sse_events, stop, unique_prefix
 
 TEXT = {"Content-Type": "text/plain"}
 
 
 def start_server(redis_url: str, prefix: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "durable_streams_asgi.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--storage",
-            redis_url,
-            "--key-prefix",
-            prefix,
-            "--long-poll-timeout",
-            "10",
-            "--log-level",
-            "warning",
-        ],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:  # readiness: the health check answers
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"server did not start: {log.read_text()}")
-        time.sleep(0.05)
+    args = [
+        "durable_streams_asgi.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--storage",
+        redis_url,
+        "--key-prefix",
+        prefix,
+        "--long-poll-timeout",
+        "10",
+        "--log-level",
+        "warning",
+    ]
+    return spawn(args, log, f"{url}/healthz"), url
 
 
 @pytest.fixture
@@ -72,8 +55,7 @@ def two_servers(redis_url: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
         yield f"{url_a}/v1/stream", f"{url_b}/v1/stream"
     finally:
         for process in (a, b):
-            process.terminate()
-            process.wait(timeout=10)
+            stop(process)
     for name in ("a.log", "b.log"):
         assert "Traceback" not in (tmp_path / name).read_text()
 
