@@ -90,7 +90,10 @@ def wait_ready(port: int, process: subprocess.Popen[bytes], what: str) -> None:
 
 def start_reference() -> Server:
     if not (BENCH / "node_modules" / "@durable-streams" / "server").is_dir():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=BENCH, check=True)
+        # Not `npm ci`: newer npm rejects a lock file that lacks other platforms' optional
+        # packages (msgpackr-extract's), which the registry here does not carry; `install` still
+        # takes the locked versions.
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=BENCH, check=True)
     port = free_port()
     process = subprocess.Popen(
         ["node", "reference-server.mjs"],
