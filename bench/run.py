@@ -287,21 +287,29 @@ METRICS: list[tuple[str, str, bool]] = [
 ]
 
 
-async def bench_server(server: Server, quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+SCENARIOS = ("appends", "catchup", "sse", "long-poll", "tokens", "idle")
+
+
+async def bench_server(server: Server, quick: bool, log: Callable[[str], None], only: set[str]) -> dict[str, Any]:
     ep = live.Endpoint("127.0.0.1", server.port, f"/v1/stream/bench-{uuid.uuid4().hex[:8]}")
     readers = 100 if quick else 500
     results: dict[str, Any] = {}
-    log(f"[{server.name}] appends")
-    results |= await scenario_appends(ep, 3 if quick else 10)
-    log(f"[{server.name}] catch-up")
-    results |= await scenario_catchup(ep, 3 if quick else 10)
+    if "appends" in only:
+        log(f"[{server.name}] appends")
+        results |= await scenario_appends(ep, 3 if quick else 10)
+    if "catchup" in only:
+        log(f"[{server.name}] catch-up")
+        results |= await scenario_catchup(ep, 3 if quick else 10)
     for mode in ("sse", "long-poll"):
-        log(f"[{server.name}] {mode} fan-out, {readers} readers")
-        results |= await scenario_fanout(ep, mode, readers, 20 if quick else 50, 20)
-    log(f"[{server.name}] token streaming")
-    results |= await scenario_tokens(ep, 20 if quick else 100, 100 if quick else 500)
-    log(f"[{server.name}] idle readers")
-    results |= await scenario_idle(ep, server, [200, 1000] if quick else [1000, 5000])
+        if mode in only:
+            log(f"[{server.name}] {mode} fan-out, {readers} readers")
+            results |= await scenario_fanout(ep, mode, readers, 20 if quick else 50, 20)
+    if "tokens" in only:
+        log(f"[{server.name}] token streaming")
+        results |= await scenario_tokens(ep, 20 if quick else 100, 100 if quick else 500)
+    if "idle" in only:
+        log(f"[{server.name}] idle readers")
+        results |= await scenario_idle(ep, server, [200, 1000] if quick else [1000, 5000])
     return results
 
 
@@ -315,8 +323,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs, fewer readers")
     parser.add_argument("--servers", default="reference,memory,redis", help="which servers, comma separated")
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help=f"which scenarios, comma separated ({', '.join(SCENARIOS)})"
+    )
     parser.add_argument("--json", default=str(BENCH / "results" / "latest.json"), help="where to write results")
     args = parser.parse_args()
+    only = set(args.scenarios.split(","))
+    if only - set(SCENARIOS):
+        sys.exit(f"unknown scenarios: {', '.join(sorted(only - set(SCENARIOS)))}")
     for tool in ("wrk", "node", "redis-server"):
         if shutil.which(tool) is None:
             sys.exit(f"bench: {tool} is required (see bench/README.md)")
@@ -337,7 +351,7 @@ def main() -> None:
         else:
             sys.exit(f"unknown server {name!r}")
         try:
-            results[name] = asyncio.run(bench_server(server, args.quick, log))
+            results[name] = asyncio.run(bench_server(server, args.quick, log, only))
         finally:
             server.stop()
 
