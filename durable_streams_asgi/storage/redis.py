@@ -66,6 +66,7 @@ from .base import (
     StreamNotFound,
 )
 from .common import DEFAULT_CONTENT_TYPE, config_matches, is_json_content_type, media_type, wait_resolved
+from .redis_batch import ScriptBatcher
 from .redis_forks import ForkReferences
 from .redis_layout import _escape, _fork_origin, _info, _text
 
@@ -129,6 +130,7 @@ class RedisStorage(ForkReferences):
         self._entry_size = entry_size
         self._owns_client = owns_client
         self._scripts = {name: client.register_script(_load_script(name)) for name in _SCRIPTS}
+        self._batcher = ScriptBatcher(client)
         self._notifier: Notifier | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._inflight: dict[tuple[Any, ...], tuple[asyncio.Future[Any], float]] = {}
@@ -179,7 +181,7 @@ class RedisStorage(ForkReferences):
         if self._sweeper is None:
             self._sweeper = asyncio.ensure_future(self._sweep_forever())
         try:
-            return await self._scripts[script](keys=self._keys(path), args=args)
+            return await self._batcher.call(self._scripts[script], path, self._keys(path), args)
         except _UNAVAILABLE as exc:
             raise StorageUnavailable(str(exc)) from exc
         except ResponseError as exc:
@@ -498,6 +500,7 @@ class RedisStorage(ForkReferences):
             raise StorageUnavailable(str(exc)) from exc
 
     async def aclose(self) -> None:
+        await self._batcher.aclose()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -52,7 +52,12 @@ end
 
 local function apply_expiry(m)
   local dl = tonumber(m.dl or '')
-  local keep = dl == nil or pinned(m)
+  if dl == nil then
+    -- No deadline is ever removed, so none of this stream's keys has an expiry to clear: skip
+    -- the four PERSISTs that every append would otherwise pay.
+    return
+  end
+  local keep = pinned(m)
   for i = 1, 4 do
     if keep then
       redis.call('PERSIST', KEYS[i])
