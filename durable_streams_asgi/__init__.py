@@ -33,6 +33,7 @@ from .storage.base import (
 )
 from .storage.memory import MemoryStorage
 from .streams import Chunk, DurableStreams
+from .tuning import tune_gc
 
 __version__ = "0.1.0"
 
@@ -70,4 +71,5 @@ __all__ = [
     "generation_response",
     "reconnect_response",
     "streams_mount",
+    "tune_gc",
 ]

@@ -17,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 from .middleware import DurableStreamsMiddleware
 from .storage.base import Storage
 from .storage.memory import MemoryStorage
+from .tuning import tune_gc
 
 DEFAULT_PORT = 4437  # PROTOCOL.md section 13.1
 MOUNT_PATH = "/v1/stream"
@@ -76,11 +77,13 @@ def build_app(
 
 def server_app() -> DurableStreamsMiddleware:
     """uvicorn factory: each worker process builds its app from the environment."""
-    return build_app(
+    app = build_app(
         make_storage(os.environ.get(_ENV_STORAGE, "memory"), os.environ.get(_ENV_KEY_PREFIX, "ds:")),
         long_poll_timeout=float(os.environ.get(_ENV_LONG_POLL, "30")),
         sse_max_duration=float(os.environ.get(_ENV_SSE_DURATION, "60")),
     )
+    tune_gc()  # this process is ours alone: see tuning.py
+    return app
 
 
 def _positive_float(text: str) -> float:
