@@ -25,6 +25,7 @@ from urllib.parse import unquote
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .app import DurableStreamsApp
 from .storage.base import Storage
 from .streams import DurableStreams
 
@@ -91,7 +92,14 @@ class DurableStreamsMiddleware:
             if relative == self.prefix or relative.startswith(self._below):
                 # A copy, so that nothing the streams app sets leaks into the host's scope.
                 child = {**scope, "path": root + relative, "root_path": root + self.prefix}
-                await self.streams.app(child, receive, send)
+                app = self.streams.app
+                if isinstance(app, DurableStreamsApp) and not app.user_middleware:
+                    # What DurableStreamsApp.__call__ does, one frame less: every open live
+                    # connection holds its frames for its whole life.
+                    child["app"] = app
+                    await app.handler(child, receive, send)
+                else:
+                    await app(child, receive, send)
                 return
         elif kind == "lifespan":
             await _Lifespan(self.app, self.streams.aclose).run(scope, receive, send)

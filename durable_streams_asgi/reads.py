@@ -124,16 +124,17 @@ class ReadHandlers:
         # two tasks per live connection, which matters with thousands of them.
         task = asyncio.current_task()
         assert task is not None
-        gone = asyncio.Event()
-        watcher = asyncio.ensure_future(_watch_disconnect(request.receive, task, gone))
+        # The watcher ends (done, not cancelled) only once the client has left: that is the flag,
+        # so an idle connection holds no Event of its own.
+        watcher = asyncio.ensure_future(_watch_disconnect(request.receive, task))
         try:
             async for chunk in self._sse_events(request, first, encode):
-                if gone.is_set():
+                if _client_left(watcher):
                     return  # the watcher's cancel was lost (see _watch_disconnect)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if not gone.is_set():
+            if not _client_left(watcher):
                 raise  # cancelled from outside (shutdown): let it propagate
             task.uncancel()  # the client left: that ends the response, it is no error
         except OSError:
@@ -210,13 +211,17 @@ def _control_event(position: int, cursor: int, up_to_date: bool, closed: bool) -
     return sse.control_event(offsets.encode_offset(position), cursor=str(cursor), up_to_date=up_to_date, closed=closed)
 
 
-async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], gone: asyncio.Event) -> None:
+async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any]) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-    # Also a flag: on Python 3.11 a cancellation can be lost inside asyncio.wait_for (used by
-    # connection pools); the writer then stops at its next event or keep-alive instead.
-    gone.set()
     task.cancel()
+
+
+def _client_left(watcher: asyncio.Future[None]) -> bool:
+    # Also checked by the writer, not only signalled by cancelling it: on Python 3.11 a
+    # cancellation can be lost inside asyncio.wait_for (used by connection pools); the writer
+    # then stops at its next event or keep-alive instead.
+    return watcher.done() and not watcher.cancelled()
 
 
 def _etag_matches(if_none_match: str | None, etag: str) -> bool:

@@ -441,6 +441,60 @@ async def test_sse_sends_each_data_event_with_its_control_event_in_one_write(sto
     assert data_chunks[0].index(b"event: data") < data_chunks[0].index(b"event: control\n")
 
 
+async def test_an_sse_response_ends_when_its_client_leaves(storage: Storage) -> None:
+    """Servers drop sends to a departed client silently: only receive() tells, and the response
+    (with its waiter and watcher) must then end, not idle on until its lifetime runs out."""
+    from dataclasses import replace
+
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from durable_streams_asgi.app import durable_streams_app, streams_handler
+
+    streams = durable_streams_app(storage, sse_max_duration=3600)
+    handler = streams_handler(streams)
+    # No keep-alive within the test's time either: only the departure may end the response.
+    handler.options = replace(handler.options, sse_keepalive=3600)
+    app = Starlette(routes=[Mount("/v1/stream", app=streams)])
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t/v1/stream") as c:
+        await c.put("/left", headers=TEXT, content=b"x")
+    caught_up = asyncio.Event()
+    leave = asyncio.Event()
+
+    async def receive() -> dict[str, object]:
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        if b"upToDate" in message.get("body", b""):  # type: ignore[operator]
+            caught_up.set()
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/v1/stream/left",
+        "raw_path": b"/v1/stream/left",
+        "root_path": "",
+        "query_string": b"offset=-1&live=sse",
+        "headers": [],
+        "scheme": "http",
+        "server": ("t", 80),
+        "http_version": "1.1",
+        "asgi": {"version": "3.0"},
+    }
+    before = asyncio.all_tasks()
+    response = asyncio.ensure_future(app(scope, receive, send))
+    await asyncio.wait_for(caught_up.wait(), 10)
+    leave.set()
+    done, _ = await asyncio.wait({response}, timeout=10)  # (wait_for would cancel it on timeout)
+    assert response in done, "the response outlived its client"
+    response.result()  # returned normally: a client leaving is no error
+    left = [t.get_coro() for t in asyncio.all_tasks() - before if not t.done()]
+    # (A Redis backend's per-process notifier tasks stay, by design.)
+    assert not [c for c in left if getattr(c, "__qualname__", "") == "_watch_disconnect"]
+
+
 @pytest.mark.parametrize(
     "query",
     [

@@ -17,28 +17,30 @@ async def wait_resolved(shared: asyncio.Future[Any], timeout: float) -> bool:
     cancelling it: many waiters share one future per stream.
 
     A waiter future of its own and a timer: leaner than ``asyncio.wait``, which matters when one
-    append wakes thousands of readers.
+    append wakes thousands of readers, and (with partials rather than closures) small, which
+    matters when thousands of idle readers wait.
     """
     if shared.done():
         return True
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[bool] = loop.create_future()
-
-    def woken(_: object) -> None:
-        if not waiter.done():
-            waiter.set_result(True)
-
-    def timed_out() -> None:
-        if not waiter.done():
-            waiter.set_result(False)
-
+    woken = functools.partial(_woken, waiter)
     shared.add_done_callback(woken)
-    timer = loop.call_later(timeout, timed_out)
+    timer = loop.call_later(timeout, _settle, waiter, False)
     try:
         return await waiter
     finally:
         timer.cancel()
         shared.remove_done_callback(woken)
+
+
+def _settle(waiter: asyncio.Future[bool], value: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(value)
+
+
+def _woken(waiter: asyncio.Future[bool], _shared: object) -> None:
+    _settle(waiter, True)
 
 
 @functools.lru_cache(maxsize=1024)
