@@ -115,3 +115,28 @@ async def test_batches_larger_than_the_limit_are_split(redis_url: str, count: in
         assert (await storage.head("/m")).tail == count
     finally:
         await storage.aclose()
+
+
+async def test_a_batch_that_gets_no_reply_in_time_fails_and_leaves_no_connection_behind(redis_url: str) -> None:
+    name = f"slow-{unique_prefix()}"
+    storage = RedisStorage.from_url(redis_url, key_prefix=unique_prefix(), client_name=name, socket_timeout=0.3)
+    admin = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await storage.create("/t", StreamConfig(content_type=TEXT))
+        await admin.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+        try:
+            with pytest.raises(StorageUnavailable):
+                await storage.append("/t", AppendRequest(content_type=TEXT, items=[b"late"]))
+            # Connections with replies still owed were closed, not pooled for the next caller
+            # (Redis notices a closed socket on its own time: wait for it, within bounds).
+            deadline = time.monotonic() + 5
+            while [c for c in await clients_named(admin, name) if "b" in c["flags"]]:
+                assert time.monotonic() < deadline, "a connection with unread replies was kept"
+                await asyncio.sleep(0.01)
+        finally:
+            await admin.execute_command("CLIENT", "UNPAUSE")
+        await storage.append("/t", AppendRequest(content_type=TEXT, items=[b"next"]))
+        assert b"".join((await storage.read("/t", 0, 100)).items) == b"next"
+    finally:
+        await admin.aclose()
+        await storage.aclose()

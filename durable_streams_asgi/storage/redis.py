@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import uuid
@@ -131,6 +132,10 @@ class RedisStorage(ForkReferences):
         self._owns_client = owns_client
         self._scripts = {name: client.register_script(_load_script(name)) for name in _SCRIPTS}
         self._batcher = ScriptBatcher(client)
+        # Append nonces: unique across processes (a random prefix) and cheap (a counter, where
+        # uuid4 per append cost a urandom system call).
+        self._nonce_prefix = uuid.uuid4().hex[:16]
+        self._nonces = itertools.count()
         self._notifier: Notifier | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._inflight: dict[tuple[Any, ...], tuple[asyncio.Future[Any], float]] = {}
@@ -310,7 +315,7 @@ class RedisStorage(ForkReferences):
             str(producer.epoch) if producer else "0",
             str(producer.seq) if producer else "0",
             self._channel(path),
-            uuid.uuid4().hex,
+            f"{self._nonce_prefix}{next(self._nonces):x}",
             *(self._entries(request.items, is_json) if has_data else ()),
         )
         status = result[0]

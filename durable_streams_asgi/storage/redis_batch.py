@@ -16,6 +16,8 @@ from the other's (see the nonce in ``append.lua``). Those calls fail with ``Stor
 from __future__ import annotations
 
 import asyncio
+import math
+import sys
 from collections import Counter
 from typing import Any
 
@@ -27,7 +29,26 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .base import StorageUnavailable
 
+if sys.version_info >= (3, 11, 3):
+    from asyncio import timeout as _timeout
+else:  # redis-py depends on this backport there, and picks it the same way
+    from async_timeout import timeout as _timeout
+
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def _pack(args: tuple[Any, ...], out: list[bytes]) -> None:
+    """RESP-encode one command onto ``out``: what redis-py's packer does for the types scripts
+    take (bytes, str, int), at a fraction of its cost, which was a tenth of an append's."""
+    out.append(b"*%d\r\n" % len(args))
+    for arg in args:
+        if isinstance(arg, str):
+            arg = arg.encode()
+        elif isinstance(arg, int):
+            arg = b"%d" % arg
+        out.append(b"$%d\r\n" % len(arg))
+        out.append(arg)
+        out.append(b"\r\n")
 
 
 class _Call:
@@ -58,7 +79,7 @@ class ScriptBatcher:
         future: asyncio.Future[Any] = loop.create_future()
         if not self._queue:
             loop.call_soon(self._flush)
-        self._queue.append(_Call(script, stream, ("EVALSHA", script.sha, len(keys), *keys, *args), future))
+        self._queue.append(_Call(script, stream, (b"EVALSHA", script.sha, len(keys), *keys, *args), future))
         return await future
 
     def _flush(self) -> None:
@@ -105,11 +126,23 @@ class ScriptBatcher:
     async def _round_trip(self, connection: Any, batch: list[_Call]) -> list[_Call]:
         """Send the batch and settle every call; return the calls to send again (scripts that
         Redis had forgotten, now loaded again)."""
-        await connection.send_packed_command(connection.pack_commands([call.args for call in batch]))
+        # One deadline for the whole round trip instead of redis-py's one per reply.
+        deadline = connection.socket_timeout
+        try:
+            async with _timeout(deadline if deadline else None):
+                return await self._exchange(connection, batch)
+        except asyncio.TimeoutError as exc:
+            raise RedisTimeoutError("Timeout talking to Redis") from exc
+
+    async def _exchange(self, connection: Any, batch: list[_Call]) -> list[_Call]:
+        packed: list[bytes] = []
+        for call in batch:
+            _pack(call.args, packed)
+        await connection.send_packed_command(packed)
         missing: list[_Call] = []
         for call in batch:
             try:
-                reply = await connection.read_response()
+                reply = await connection.read_response(timeout=math.inf)
             except NoScriptError:
                 missing.append(call)
                 continue
@@ -121,7 +154,7 @@ class ScriptBatcher:
                 call.future.set_result(reply)
         for script in {id(call.script): call.script for call in missing}.values():
             await connection.send_command("SCRIPT", "LOAD", script.script)
-            await connection.read_response()
+            await connection.read_response(timeout=math.inf)
         return missing
 
     @staticmethod
