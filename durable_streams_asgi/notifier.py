@@ -2,8 +2,9 @@
 
 One pub/sub connection and one listener task per process, and a map from channel (one per stream)
 to the local waiters. A channel is subscribed when its first local waiter arrives and unsubscribed
-when its last one leaves. All waiters of a channel share one future, resolved (and replaced) by
-each message, so a write costs the same however many readers wait.
+when its last one has been gone for a moment (``_LINGER``: live readers leave between messages).
+All waiters of a channel share one future, resolved (and replaced) by each message, so a write
+costs the same however many readers wait.
 
 Pub/sub only wakes readers; the data is always re-read from Redis. Because a message published
 before a subscription is confirmed is lost, a waiter first waits for the confirmation, then takes
@@ -37,13 +38,20 @@ class NotifierUnavailable(Exception):
     """The subscription could not be confirmed: Redis is unreachable."""
 
 
+# How long a channel stays subscribed after its last local waiter left. A live reader leaves its
+# wait to read and send what woke it, then comes straight back: without this it would pay an
+# UNSUBSCRIBE, a SUBSCRIBE and the wait for its confirmation on every message.
+_LINGER = 2.0
+
+
 class _Channel:
-    __slots__ = ("confirmed", "future", "waiters")
+    __slots__ = ("confirmed", "future", "linger", "waiters")
 
     def __init__(self) -> None:
         self.waiters = 0
         self.confirmed = asyncio.Event()
         self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.linger: asyncio.TimerHandle | None = None
 
     def wake(self) -> None:
         if not self.future.done():
@@ -93,6 +101,9 @@ class Notifier:
         ch = self._channels.get(channel)
         if ch is None:
             ch = self._channels[channel] = _Channel()
+        elif ch.linger is not None:
+            ch.linger.cancel()  # back before the channel was let go: it is still subscribed
+            ch.linger = None
         ch.waiters += 1
         try:
             if ch.waiters == 1 and not ch.confirmed.is_set():
@@ -100,17 +111,23 @@ class Notifier:
                 await asyncio.shield(self._spawn(self._send("subscribe", channel)))
             else:
                 self._ensure_listener()
-            try:
-                await asyncio.wait_for(ch.confirmed.wait(), confirm_timeout)
-            except asyncio.TimeoutError:
-                raise NotifierUnavailable("subscription not confirmed") from None
+            if not ch.confirmed.is_set():
+                try:
+                    await asyncio.wait_for(ch.confirmed.wait(), confirm_timeout)
+                except asyncio.TimeoutError:
+                    raise NotifierUnavailable("subscription not confirmed") from None
             yield ch.future
         finally:
             ch.waiters -= 1
-            if ch.waiters == 0 and self._channels.get(channel) is ch:
-                del self._channels[channel]
-                if not self._closed:
-                    self._spawn(self._send("unsubscribe", channel))
+            if ch.waiters == 0 and self._channels.get(channel) is ch and not self._closed:
+                ch.linger = asyncio.get_running_loop().call_later(_LINGER, self._let_go, channel, ch)
+
+    def _let_go(self, channel: bytes, ch: _Channel) -> None:
+        """The last waiter left a while ago and none came back: unsubscribe."""
+        ch.linger = None
+        if ch.waiters == 0 and self._channels.get(channel) is ch and not self._closed:
+            del self._channels[channel]
+            self._spawn(self._send("unsubscribe", channel))
 
     # -- pub/sub plumbing ------------------------------------------------------------------------
     #
@@ -279,6 +296,8 @@ class Notifier:
         for task in list(self._tasks):
             task.cancel()
         for ch in self._channels.values():
+            if ch.linger is not None:
+                ch.linger.cancel()
             ch.wake()
         self._channels.clear()
         if self._pubsub is not None:

@@ -17,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
+from durable_streams_asgi import notifier
 from durable_streams_asgi.storage.base import AppendRequest, StorageUnavailable, StreamConfig, StreamNotFound
 from durable_streams_asgi.storage.redis import RedisStorage, StreamDataMissing
 
@@ -172,6 +173,40 @@ async def test_waiters_still_wake_after_the_pubsub_connection_is_killed(redis_ur
         await admin.aclose()
         await reader.aclose()
         await writer.aclose()
+
+
+async def _subscribe_calls(admin: Redis) -> int:
+    return int((await admin.info("commandstats")).get("cmdstat_subscribe", {}).get("calls", 0))
+
+
+async def test_a_channel_outlives_its_last_waiter_briefly_then_is_unsubscribed(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live reader leaves its wait for every message and comes straight back: the channel stays
+    subscribed across that gap (no SUBSCRIBE per message), and goes once nobody comes back."""
+    monkeypatch.setattr(notifier, "_LINGER", 1.0)
+    storage = RedisStorage.from_url(redis_url, key_prefix=unique_prefix())
+    admin = Redis.from_url(redis_url)
+    try:
+        await storage.create("/l", StreamConfig(content_type="text/plain"))
+        channel = storage._channel("/l")
+        assert not await storage.wait_for_data("/l", 0, 0.01)
+        subscribes = await _subscribe_calls(admin)
+        for _ in range(5):
+            assert not await storage.wait_for_data("/l", 0, 0.01)
+        assert await _subscribe_calls(admin) == subscribes
+        assert (await admin.pubsub_numsub(channel))[0][1] == 1
+        # Still woken by what is written while it lingers and after it comes back.
+        waiting = asyncio.ensure_future(storage.wait_for_data("/l", 0, 10))
+        await storage.append("/l", AppendRequest(content_type="text/plain", items=[b"x"]))
+        assert await waiting
+        deadline = time.monotonic() + 10
+        while (await admin.pubsub_numsub(channel))[0][1] > 0:
+            assert time.monotonic() < deadline, "the channel was never let go"
+            await asyncio.sleep(0.05)
+    finally:
+        await admin.aclose()
+        await storage.aclose()
 
 
 @pytest.fixture
