@@ -69,7 +69,7 @@ from .base import (
 from .common import DEFAULT_CONTENT_TYPE, config_matches, is_json_content_type, media_type, wait_resolved
 from .redis_batch import ScriptBatcher
 from .redis_forks import ForkReferences
-from .redis_layout import _escape, _fork_origin, _info, _text
+from .redis_layout import _entries, _escape, _fork_origin, _info, _take, _text
 
 logger = logging.getLogger("durable_streams_asgi.redis")
 
@@ -208,21 +208,6 @@ class RedisStorage(ForkReferences):
         seconds, micros = await self._command("TIME")
         return int(seconds) * 1000 + int(micros) // 1000
 
-    def _entries(self, items: Sequence[bytes], is_json: bool) -> list[bytes]:
-        """Items as stored entries: JSON messages as they are, bytes in bounded chunks."""
-        if is_json:
-            return [item for item in items if item]
-        size = self._entry_size
-        out: list[bytes] = []
-        for item in items:
-            if len(item) <= size:
-                if item:
-                    out.append(item)
-            else:
-                view = memoryview(item)
-                out.extend(bytes(view[i : i + size]) for i in range(0, len(item), size))
-        return out
-
     # -- create ----------------------------------------------------------------------------------
 
     @staticmethod
@@ -290,7 +275,7 @@ class RedisStorage(ForkReferences):
             self._request_record(config, fork_offset),
             config.fork_from or "",
             str(base),
-            *self._entries(items, is_json),
+            *_entries(items, is_json, self._entry_size),
         )
         if result[0] == b"created":
             return CreateResult(created=True, info=_info(result[2:]))
@@ -316,7 +301,7 @@ class RedisStorage(ForkReferences):
             str(producer.seq) if producer else "0",
             self._channel(path),
             f"{self._nonce_prefix}{next(self._nonces):x}",
-            *(self._entries(request.items, is_json) if has_data else ()),
+            *(_entries(request.items, is_json, self._entry_size) if has_data else ()),
         )
         status = result[0]
         if status == b"ok":
@@ -391,7 +376,7 @@ class RedisStorage(ForkReferences):
         else:
             entries = result[11:]
             for i in range(0, len(entries), 2):
-                position, size = self._take(
+                position, size = _take(
                     entries[i], entries[i + 1], position, info.tail, info.is_json, max_bytes, items, size
                 )
         if not items and position < info.tail:
@@ -400,24 +385,6 @@ class RedisStorage(ForkReferences):
             logger.error("stream %r: data from position %d is missing in Redis", path, position)
             raise StreamDataMissing(path)
         return ReadResult(info=info, start=int(result[1]), next=position, items=items)
-
-    @staticmethod
-    def _take(
-        entry_id: bytes, data: bytes, position: int, limit: int, is_json: bool, budget: int, out: list[bytes], size: int
-    ) -> tuple[int, int]:
-        """Add the part of one entry from ``position`` to ``limit`` (and within budget) to ``out``."""
-        end = int(entry_id.split(b"-", 1)[0])
-        if end <= position or position >= limit:
-            return position, size
-        if is_json:
-            out.append(data)
-            return end, size + len(data)
-        entry_start = end - len(data)
-        lo = position - entry_start
-        hi = min(len(data), limit - entry_start, lo + max(budget - size, 1))
-        piece = data if lo == 0 and hi == len(data) else data[lo:hi]
-        out.append(piece)
-        return position + len(piece), size + len(piece)
 
     async def _read_own(
         self, path: str, position: int, limit: int, is_json: bool, budget: int, out: list[bytes], size: int
@@ -431,7 +398,7 @@ class RedisStorage(ForkReferences):
                 break
             before = size
             for entry_id, fields in entries:
-                position, size = self._take(entry_id, fields[b"d"], position, limit, is_json, budget, out, size)
+                position, size = _take(entry_id, fields[b"d"], position, limit, is_json, budget, out, size)
                 if position >= limit or size >= budget:
                     break
             # Size the next batch by what these entries weighed.
