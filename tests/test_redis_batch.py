@@ -78,6 +78,9 @@ async def test_a_batch_cut_off_is_resent_only_where_that_cannot_write_twice(redi
         try:
             calls = asyncio.gather(
                 storage.append("/a", AppendRequest(content_type=TEXT, items=[b"a"])),
+                # In the same batch (storage.read would start a task, and a batch of its own). A
+                # read changes nothing, so it never stands in the way of resending /a's append.
+                storage._call("read", "/a", "0", "100", "1"),
                 storage.append("/b", AppendRequest(content_type=TEXT, items=[b"b1"])),
                 storage.append("/b", AppendRequest(content_type=TEXT, items=[b"b2"])),
                 return_exceptions=True,
@@ -94,8 +97,9 @@ async def test_a_batch_cut_off_is_resent_only_where_that_cannot_write_twice(redi
                 await asyncio.sleep(0.01)
         finally:
             await admin.execute_command("CLIENT", "UNPAUSE")
-        a, b1, b2 = await calls
+        a, read, b1, b2 = await calls
         assert not isinstance(a, BaseException) and a.info.tail == 1
+        assert not isinstance(read, BaseException) and read[0] == b"ok"
         assert isinstance(b1, StorageUnavailable) and isinstance(b2, StorageUnavailable)
         assert b"".join((await storage.read("/a", 0, 100)).items) == b"a"
         assert (await storage.read("/b", 0, 100)).items == []

@@ -89,6 +89,7 @@ _UNAVAILABLE_REPLIES = (
     "ASK",
 )
 _SCRIPTS = ("create", "append", "read", "head", "delete", "fork_ref", "release")
+_READ_ONLY_SCRIPTS = frozenset({"read", "head"})  # (read refreshes a sliding TTL: harmless twice)
 
 
 def _load_script(name: str) -> str:
@@ -186,7 +187,8 @@ class RedisStorage(ForkReferences):
         if self._sweeper is None:
             self._sweeper = asyncio.ensure_future(self._sweep_forever())
         try:
-            return await self._batcher.call(self._scripts[script], path, self._keys(path), args)
+            stream = None if script in _READ_ONLY_SCRIPTS else path
+            return await self._batcher.call(self._scripts[script], stream, self._keys(path), args)
         except _UNAVAILABLE as exc:
             raise StorageUnavailable(str(exc)) from exc
         except ResponseError as exc:

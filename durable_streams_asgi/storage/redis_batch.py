@@ -35,6 +35,8 @@ else:  # redis-py depends on this backport there, and picks it the same way
     from async_timeout import timeout as _timeout
 
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+# Round trips per batch: the first, one after a lost connection, and reloads of forgotten scripts.
+_MAX_ROUNDS = 4
 
 
 def _pack(args: tuple[Any, ...], out: list[bytes]) -> None:
@@ -54,7 +56,9 @@ def _pack(args: tuple[Any, ...], out: list[bytes]) -> None:
 class _Call:
     __slots__ = ("args", "future", "script", "stream")
 
-    def __init__(self, script: AsyncScript, stream: str, args: tuple[Any, ...], future: asyncio.Future[Any]) -> None:
+    def __init__(
+        self, script: AsyncScript, stream: str | None, args: tuple[Any, ...], future: asyncio.Future[Any]
+    ) -> None:
         self.script = script
         self.stream = stream
         self.args = args
@@ -74,7 +78,9 @@ class ScriptBatcher:
         self._queue: list[_Call] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def call(self, script: AsyncScript, stream: str, keys: list[str], args: tuple[Any, ...]) -> Any:
+    async def call(self, script: AsyncScript, stream: str | None, keys: list[str], args: tuple[Any, ...]) -> Any:
+        """Run ``script``. ``stream`` names the stream a writing script changes (None for one
+        that only reads): it decides what may be sent again after a connection is lost."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._queue:
@@ -106,7 +112,11 @@ class ScriptBatcher:
         try:
             pending = batch
             retried = False
+            rounds = 0
             while pending:
+                rounds += 1
+                if rounds > _MAX_ROUNDS:
+                    raise StorageUnavailable("Redis keeps forgetting the scripts (SCRIPT FLUSH in a loop?)")
                 try:
                     pending = await self._round_trip(connection, pending)
                 except _CONNECTION_ERRORS as exc:
@@ -159,10 +169,10 @@ class ScriptBatcher:
 
     @staticmethod
     def _retryable(unanswered: list[_Call], exc: Exception) -> list[_Call]:
-        counts = Counter(call.stream for call in unanswered)
+        counts = Counter(call.stream for call in unanswered if call.stream is not None)
         retry = []
         for call in unanswered:
-            if counts[call.stream] > 1:
+            if call.stream is not None and counts[call.stream] > 1:
                 call.future.set_exception(StorageUnavailable(f"Redis connection lost: {exc}"))
             else:
                 retry.append(call)
