@@ -406,6 +406,23 @@ async def test_sse_connection_ends_after_its_lifetime(
     assert [e for e, _ in events] == ["control"]
 
 
+def _sse_scope(path: str) -> dict[str, object]:
+    """An ASGI scope for an SSE read from the start, to drive the app without a server."""
+    return {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"offset=-1&live=sse",
+        "headers": [],
+        "scheme": "http",
+        "server": ("t", 80),
+        "http_version": "1.1",
+        "asgi": {"version": "3.0"},
+    }
+
+
 async def test_sse_sends_each_data_event_with_its_control_event_in_one_write(storage: Storage) -> None:
     """Readers that stop at a chunk boundary must never see a data event without its control."""
     app = make_host_app(storage, sse_max_duration=5)
@@ -422,19 +439,7 @@ async def test_sse_sends_each_data_event_with_its_control_event_in_one_write(sto
         if message["type"] == "http.response.body" and message.get("body"):
             bodies.append(message["body"])  # type: ignore[arg-type]
 
-    scope = {
-        "type": "http",
-        "method": "GET",
-        "path": "/v1/stream/p",
-        "raw_path": b"/v1/stream/p",
-        "root_path": "",
-        "query_string": b"offset=-1&live=sse",
-        "headers": [],
-        "scheme": "http",
-        "server": ("t", 80),
-        "http_version": "1.1",
-        "asgi": {"version": "3.0"},
-    }
+    scope = _sse_scope("/v1/stream/p")
     await asyncio.wait_for(app(scope, receive, send), 10)
     data_chunks = [b for b in bodies if b"event: data" in b]
     assert len(data_chunks) == 1
@@ -470,19 +475,7 @@ async def test_an_sse_response_ends_when_its_client_leaves(storage: Storage) -> 
         if b"upToDate" in message.get("body", b""):  # type: ignore[operator]
             caught_up.set()
 
-    scope = {
-        "type": "http",
-        "method": "GET",
-        "path": "/v1/stream/left",
-        "raw_path": b"/v1/stream/left",
-        "root_path": "",
-        "query_string": b"offset=-1&live=sse",
-        "headers": [],
-        "scheme": "http",
-        "server": ("t", 80),
-        "http_version": "1.1",
-        "asgi": {"version": "3.0"},
-    }
+    scope = _sse_scope("/v1/stream/left")
     before = asyncio.all_tasks()
     response = asyncio.ensure_future(app(scope, receive, send))
     await asyncio.wait_for(caught_up.wait(), 10)
