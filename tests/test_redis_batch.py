@@ -144,3 +144,62 @@ async def test_a_batch_that_gets_no_reply_in_time_fails_and_leaves_no_connection
     finally:
         await admin.aclose()
         await storage.aclose()
+
+
+async def test_a_caller_that_left_still_counts_against_resending_its_streams_other_write(redis_url: str) -> None:
+    """Redis may have run both appends of a cut-off batch; that one caller gave up on its reply
+    changes nothing about that, so the other is not resent (it could be written twice)."""
+    name = f"left-{unique_prefix()}"
+    storage = RedisStorage.from_url(redis_url, key_prefix=unique_prefix(), client_name=name)
+    admin = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await storage.create("/s", StreamConfig(content_type=TEXT))
+        await admin.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+        try:
+            keep = asyncio.ensure_future(storage.append("/s", AppendRequest(content_type=TEXT, items=[b"K"])))
+            gone = asyncio.ensure_future(storage.append("/s", AppendRequest(content_type=TEXT, items=[b"G"])))
+            deadline = time.monotonic() + 10
+            while not (blocked := [c for c in await clients_named(admin, name) if "b" in c["flags"]]):
+                assert time.monotonic() < deadline, "the batch never reached Redis"
+                await asyncio.sleep(0.01)
+            gone.cancel()  # its client went away while the batch was out
+            await admin.client_kill_filter(_id=blocked[0]["id"])
+        finally:
+            await admin.execute_command("CLIENT", "UNPAUSE")
+        # (Resent, it would now succeed at once: Redis is writable again.)
+        with pytest.raises(StorageUnavailable):
+            await asyncio.wait_for(keep, 5)
+        assert (await storage.head("/s")).tail == 0
+    finally:
+        await admin.aclose()
+        await storage.aclose()
+
+
+async def test_an_argument_that_cannot_be_encoded_fails_only_its_own_call(redis_url: str) -> None:
+    storage = RedisStorage.from_url(redis_url, key_prefix=unique_prefix())
+    try:
+        await storage.create("/ok", StreamConfig(content_type=TEXT))
+        bad, ok = await asyncio.gather(
+            storage.create("/bad\udcff", StreamConfig(content_type=TEXT)),
+            storage.append("/ok", AppendRequest(content_type=TEXT, items=[b"fine"])),
+            return_exceptions=True,
+        )
+        assert isinstance(bad, UnicodeEncodeError)
+        assert not isinstance(ok, BaseException) and ok.info.tail == 4
+    finally:
+        await storage.aclose()
+
+
+async def test_calls_queued_as_the_storage_closes_are_still_sent(redis_url: str) -> None:
+    storage = RedisStorage.from_url(redis_url, key_prefix=unique_prefix())
+    admin = Redis.from_url(redis_url)
+    try:
+        await storage.create("/q", StreamConfig(content_type=TEXT))
+        append = asyncio.ensure_future(storage.append("/q", AppendRequest(content_type=TEXT, items=[b"last"])))
+        await asyncio.sleep(0)  # the append is queued for the end of this tick...
+        await storage._batcher.aclose()  # ...and the batcher closes in the same tick: it sends it
+        assert append.done() and append.result().info.tail == 4
+        await storage.aclose()
+        assert await admin.hget(storage._keys("/q")[0], "tail") == b"4"
+    finally:
+        await admin.aclose()
