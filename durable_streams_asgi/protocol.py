@@ -181,6 +181,11 @@ def validate_path(path: str) -> str:
             raise bad_request("stream path has an empty, '.' or '..' segment")
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in path):
         raise bad_request("stream path contains control characters")
+    if not path.isascii():
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: no URL can name them, no storage key hold them
+            raise bad_request("stream path is not valid Unicode") from None
     return "/" + stripped
 
 

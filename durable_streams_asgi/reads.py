@@ -224,7 +224,8 @@ def _client_left(watcher: asyncio.Future[None]) -> bool:
     # Also checked by the writer, not only signalled by cancelling it: on Python 3.11 a
     # cancellation can be lost inside asyncio.wait_for (used by connection pools); the writer
     # then stops at its next event or keep-alive instead.
-    return watcher.done() and not watcher.cancelled()
+    # (A watcher that failed is no proof of departure: a shutdown's cancel is then not taken back.)
+    return watcher.done() and not watcher.cancelled() and watcher.exception() is None
 
 
 def _etag_matches(if_none_match: str | None, etag: str) -> bool:

@@ -133,6 +133,7 @@ def test_valid_paths(path: str) -> None:
         ("/a\x00b", 400),
         ("/a\nb", 400),
         ("/a\x7f", 400),
+        ("/a\udcffb", 400),  # a lone surrogate: no URL names it, no storage key holds it
         ("/" + "x" * 2000, 414),
         ("/", 404),
         ("", 404),
