@@ -151,19 +151,25 @@ class ScriptBatcher:
         """Send the batch and settle every call; return the calls to send again (scripts that
         Redis had forgotten, now loaded again)."""
         # One deadline for the whole round trip instead of redis-py's one per reply.
-        deadline = connection.socket_timeout
+        limit = connection.socket_timeout
+        deadline = asyncio.get_running_loop().time() + limit if limit else None
         try:
-            async with _timeout(deadline if deadline else None):
-                return await self._exchange(connection, batch)
+            async with _timeout(limit if limit else None):
+                return await self._exchange(connection, batch, deadline)
         except asyncio.TimeoutError as exc:
             raise RedisTimeoutError("Timeout talking to Redis") from exc
 
-    async def _exchange(self, connection: Any, batch: list[_Call]) -> list[_Call]:
+    async def _exchange(self, connection: Any, batch: list[_Call], deadline: float | None) -> list[_Call]:
         packed: list[bytes] = []
         for call in batch:
             call.answered = False
             packed.extend(call.packed)
         await connection.send_packed_command(packed)
+        if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+            # The deadline passed while redis-py sent, inside its own asyncio.wait_for, which on
+            # Python 3.11 can swallow the cancellation that enforces it: the replies below are
+            # read without a timeout of their own, so do not go on as if there were time left.
+            raise asyncio.TimeoutError
         missing: list[_Call] = []
         for call in batch:
             try:
