@@ -1,8 +1,9 @@
 """Per-process live notifier over Redis pub/sub.
 
 One pub/sub connection and one listener task per process, and a map from channel (one per stream)
-to the local waiters. A channel is subscribed when its first local waiter arrives and unsubscribed
-when its last one has been gone for a moment (``_LINGER``: live readers leave between messages).
+to the local waiters (counted by :meth:`Notifier.acquire` and :meth:`Notifier.release`). A
+channel is subscribed when its first local waiter arrives and unsubscribed when its last one has
+been gone for a moment (``_LINGER``: live readers leave between messages).
 All waiters of a channel share one future, resolved (and replaced) by each message, so a write
 costs the same however many readers wait.
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.asyncio import Redis
@@ -45,18 +45,29 @@ _LINGER = 2.0
 
 
 class _Channel:
-    __slots__ = ("confirmed", "future", "linger", "waiters")
+    __slots__ = ("confirmed", "future", "linger", "mark", "waiters", "wakes")
 
     def __init__(self) -> None:
         self.waiters = 0
         self.confirmed = asyncio.Event()
         self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.linger: asyncio.TimerHandle | None = None
+        #: How many times ``future`` was replaced: a reader notes it before it reads, and the
+        #: same count later proves that nothing was delivered (or lost) in between.
+        self.wakes = 0
+        #: ``(wakes, tail)`` of the latest read made while subscribed (see RedisStorage.watch).
+        self.mark: tuple[int, int] | None = None
 
     def wake(self) -> None:
         if not self.future.done():
             self.future.set_result(None)
         self.future = asyncio.get_running_loop().create_future()
+        self.wakes += 1
+
+    def invalidate(self) -> None:
+        """Messages may have been lost: wake everyone to re-read, and wait for a new confirmation."""
+        self.confirmed.clear()
+        self.wake()
 
 
 class _PubSub(PubSub):
@@ -88,12 +99,12 @@ class Notifier:
 
     # -- waiting -------------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def subscription(self, channel: bytes, confirm_timeout: float = 5.0) -> AsyncIterator[asyncio.Future[None]]:
-        """Hold a subscription to ``channel``; yields the future the next message resolves.
+    async def acquire(self, channel: bytes, confirm_timeout: float = 5.0) -> _Channel:
+        """Count one more local waiter on ``channel``; return once Redis confirmed the subscription.
 
-        On entry the subscription is confirmed by Redis, so anything published from then on
-        resolves the yielded future. Raises :class:`NotifierUnavailable` when it cannot be
+        From then on, anything published on ``channel`` resolves the returned channel's
+        ``future`` (and replaces it with a new one). Every successful call must be paired with
+        :meth:`release`. Raises :class:`NotifierUnavailable` when the subscription cannot be
         confirmed within ``confirm_timeout`` seconds.
         """
         if self._closed:
@@ -116,11 +127,22 @@ class Notifier:
                     await asyncio.wait_for(ch.confirmed.wait(), confirm_timeout)
                 except asyncio.TimeoutError:
                     raise NotifierUnavailable("subscription not confirmed") from None
-            yield ch.future
-        finally:
-            ch.waiters -= 1
-            if ch.waiters == 0 and self._channels.get(channel) is ch and not self._closed:
-                ch.linger = asyncio.get_running_loop().call_later(_LINGER, self._let_go, channel, ch)
+        except BaseException:
+            self.release(channel, ch)
+            raise
+        return ch
+
+    def release(self, channel: bytes, ch: _Channel) -> None:
+        """One waiter fewer (see :meth:`acquire`)."""
+        ch.waiters -= 1
+        if ch.waiters == 0 and self._channels.get(channel) is ch and not self._closed:
+            ch.linger = asyncio.get_running_loop().call_later(_LINGER, self._let_go, channel, ch)
+
+    def confirmed(self, channel: bytes) -> _Channel | None:
+        """The channel, if it is subscribed and confirmed right now (so that a reader can note
+        its ``wakes`` before reading), else None."""
+        ch = self._channels.get(channel)
+        return ch if ch is not None and ch.confirmed.is_set() else None
 
     def _let_go(self, channel: bytes, ch: _Channel) -> None:
         """The last waiter left a while ago and none came back: unsubscribe."""
@@ -182,8 +204,7 @@ class Notifier:
         if self._channels:
             logger.warning("%s; waking waiters on %d channels to re-read", why, len(self._channels))
         for ch in self._channels.values():
-            ch.confirmed.clear()
-            ch.wake()  # anything may have been published while we were away: re-read
+            ch.invalidate()  # anything may have been published while we were away: re-read
 
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message["type"]
@@ -202,7 +223,7 @@ class Notifier:
                     ch.confirmed.set()
                 else:
                     # The last command for this channel was an unsubscribe, but waiters came back.
-                    ch.confirmed.clear()
+                    ch.invalidate()
                     self._spawn(self._send("subscribe", channel))
             elif kind == "subscribe":
                 # Subscribed with nobody left waiting (they left while it was in flight).

@@ -10,6 +10,8 @@ import pytest
 from durable_streams_asgi.storage import base as st
 from durable_streams_asgi.storage.base import AppendRequest, Producer, Storage, StreamConfig
 
+from .conftest import StorageFactory
+
 TEXT = StreamConfig(content_type="text/plain")
 JSON = StreamConfig(content_type="application/json")
 
@@ -17,6 +19,12 @@ JSON = StreamConfig(content_type="application/json")
 def append(data: bytes | list[bytes], **kw: object) -> AppendRequest:
     items = data if isinstance(data, list) else [data]
     return AppendRequest(content_type=str(kw.pop("content_type", "text/plain")), items=items, **kw)  # type: ignore[arg-type]
+
+
+async def two_processes(factory: StorageFactory, backend: str) -> tuple[Storage, Storage]:
+    """Two storages on the same streams, as two server processes have (memory lives in one)."""
+    storage = await factory()
+    return storage, (storage if backend == "memory" else await factory())
 
 
 async def read_all(storage: Storage, path: str, start: int = 0, max_bytes: int = 1 << 20) -> bytes:
@@ -263,6 +271,67 @@ async def test_wait_for_data_wakes_on_change(storage: Storage, change: str) -> N
         await storage.delete("/s")
     results = await asyncio.wait_for(asyncio.gather(*waiters), 5)
     assert results == [True] * 50
+
+
+async def test_watch_resolves_at_once_when_there_is_something_to_read(storage: Storage) -> None:
+    await storage.create("/s", TEXT, [b"abc"])
+    await storage.create("/c", StreamConfig(content_type="text/plain", closed=True))
+    for path, position in (("/s", 1), ("/c", 0), ("/missing", 0)):
+        watch = await storage.watch(path, position)
+        try:
+            assert watch.future.done(), path
+        finally:
+            watch.close()
+
+
+@pytest.mark.parametrize("change", ["append", "close", "delete"])
+async def test_watch_resolves_on_a_change_from_any_process(
+    storage_factory: StorageFactory, backend: str, change: str
+) -> None:
+    """A watch set up right after a read sees every later change, wherever it is made; closing it
+    twice is harmless."""
+    storage, other = await two_processes(storage_factory, backend)
+    await storage.create("/s", TEXT, [b"ab"])
+    result = await storage.read("/s", 0, 100)
+    watches = [await storage.watch("/s", result.next) for _ in range(20)]
+    try:
+        assert not any(w.future.done() for w in watches)
+        if change == "append":
+            await other.append("/s", append(b"x"))
+        elif change == "close":
+            await other.append("/s", AppendRequest(content_type=None, items=[], close=True))
+        else:
+            await other.delete("/s")
+        await asyncio.wait_for(asyncio.gather(*(w.future for w in watches)), 5)
+    finally:
+        for w in watches:
+            w.close()
+            w.close()
+
+
+async def test_a_change_between_read_and_watch_is_never_missed(storage_factory: StorageFactory, backend: str) -> None:
+    """The race a live reader runs on every message: it reads, another process appends, and only
+    then does the reader watch from the position it read up to. The watch must not sleep through
+    that append."""
+    storage, other = await two_processes(storage_factory, backend)
+    await storage.create("/s", TEXT)
+    for i in range(30):
+        result = await storage.read("/s", None, 100)
+        await other.append("/s", append(b"%d," % i))
+        watch = await storage.watch("/s", result.next)
+        try:
+            await asyncio.wait_for(asyncio.shield(watch.future), 5)
+        finally:
+            watch.close()
+        # And once it has read what woke it, a fresh watch waits again.
+        caught_up = await storage.read("/s", result.next, 100)
+        assert caught_up.items and caught_up.up_to_date
+        quiet = await storage.watch("/s", caught_up.next)
+        try:
+            await asyncio.sleep(0.01)  # a window for a wrong wake-up, not synchronisation
+            assert not quiet.future.done()
+        finally:
+            quiet.close()
 
 
 async def test_concurrent_appends_are_all_kept_exactly_once(storage: Storage) -> None:

@@ -12,7 +12,8 @@ Every method that takes a ``path`` raises :class:`StreamNotFound` when no live s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -193,6 +194,29 @@ class ReadResult:
         return self.info.closed and self.next >= self.info.tail
 
 
+class Watch:
+    """A registration for changes to one stream past one position, from :meth:`Storage.watch`.
+
+    ``future`` resolves (with None; it never fails) once the stream may have data past the
+    position, was closed, or is gone: the holder then reads again. It is shared by every watcher of
+    the stream, so never cancel it or set its result: await it through
+    :func:`~durable_streams_asgi.storage.common.wait_resolved`, or add a done callback (and remove
+    it when done). ``close()`` ends the watch (releasing, say, a pub/sub subscription); it is
+    idempotent, and a holder must call it whether or not the future resolved.
+    """
+
+    __slots__ = ("_release", "future")
+
+    def __init__(self, future: asyncio.Future[None], release: Callable[[], None] | None = None) -> None:
+        self.future = future
+        self._release = release
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
 # --------------------------------------------------------------------------------------------
 # The interface.
 
@@ -248,6 +272,17 @@ class Storage(Protocol):
         Returns True when the caller should read again (new data, closure, deletion) and False
         when ``timeout`` seconds passed with none of these. Never misses a change that happens
         after the call starts.
+        """
+        ...
+
+    async def watch(self, path: str, position: int) -> Watch:
+        """Start watching the stream for data past ``position``, closure or deletion.
+
+        The returned :class:`Watch`'s future is already resolved when there is something to read
+        now (or the stream is gone); otherwise it resolves on the first change after the call
+        started: like :meth:`wait_for_data`, but without a task waiting, so that a server holds
+        thousands of idle live readers cheaply. Raises :class:`StorageUnavailable` when the
+        backend cannot set up the watch. The caller must ``close()`` the watch.
         """
         ...
 

@@ -7,7 +7,7 @@ import functools
 from dataclasses import replace
 from typing import Any
 
-from .base import ContentTypeMismatch, InvalidForkSubOffset, OffsetOutOfRange, StreamConfig
+from .base import ContentTypeMismatch, InvalidForkSubOffset, OffsetOutOfRange, Storage, StreamConfig, Watch
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
@@ -32,6 +32,22 @@ async def wait_resolved(shared: asyncio.Future[Any], timeout: float) -> bool:
     finally:
         timer.cancel()
         shared.remove_done_callback(woken)
+
+
+async def wait_for_data(storage: Storage, path: str, position: int, timeout: float) -> bool:
+    """:meth:`Storage.wait_for_data` in terms of :meth:`Storage.watch`, for every backend."""
+    watch = await storage.watch(path, position)
+    try:
+        return await wait_resolved(watch.future, timeout)
+    finally:
+        watch.close()
+
+
+def resolved_watch() -> Watch:
+    """A watch whose future is already resolved: there is something to read now."""
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    future.set_result(None)
+    return Watch(future)
 
 
 def _settle(waiter: asyncio.Future[bool], value: bool) -> None:

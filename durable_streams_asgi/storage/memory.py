@@ -34,6 +34,7 @@ from .base import (
     StreamGone,
     StreamInfo,
     StreamNotFound,
+    Watch,
 )
 from .base import (
     StorageError as StorageError,  # re-exported for convenience
@@ -43,8 +44,9 @@ from .common import (
     config_matches,
     is_json_content_type,
     resolve_fork,
+    resolved_watch,
     same_content_type,
-    wait_resolved,
+    wait_for_data,
 )
 
 # How often expired streams are swept out, at most (seconds). Expiry itself is exact: every
@@ -357,15 +359,18 @@ class MemoryStorage:
         self._delete(self._get(path, self._now()))
 
     async def wait_for_data(self, path: str, position: int, timeout: float) -> bool:
+        return await wait_for_data(self, path, position, timeout)
+
+    async def watch(self, path: str, position: int) -> Watch:
         try:
             stream = self._get(path, self._now())
         except StorageError:
-            return True
+            return resolved_watch()
         if stream.tail > position or stream.closed:
-            return True
+            return resolved_watch()
         if stream.changed is None:
             stream.changed = asyncio.get_running_loop().create_future()
-        return await wait_resolved(stream.changed, timeout)
+        return Watch(stream.changed)  # nothing to release: the future is the stream's
 
     async def aclose(self) -> None:
         for stream in self._streams.values():

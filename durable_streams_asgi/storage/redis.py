@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -45,7 +46,7 @@ from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..notifier import Notifier, NotifierUnavailable
+from ..notifier import Notifier, NotifierUnavailable, _Channel
 from .base import (
     AppendRequest,
     AppendResult,
@@ -65,8 +66,16 @@ from .base import (
     StreamGone,
     StreamInfo,
     StreamNotFound,
+    Watch,
 )
-from .common import DEFAULT_CONTENT_TYPE, config_matches, is_json_content_type, media_type, wait_resolved
+from .common import (
+    DEFAULT_CONTENT_TYPE,
+    config_matches,
+    is_json_content_type,
+    media_type,
+    resolved_watch,
+    wait_for_data,
+)
 from .redis_batch import ScriptBatcher
 from .redis_forks import ForkReferences
 from .redis_layout import _entries, _escape, _fork_origin, _info, _take, _text
@@ -359,6 +368,7 @@ class RedisStorage(ForkReferences):
         return await asyncio.shield(entry[0])
 
     async def _read(self, path: str, start: int | None, max_bytes: int) -> ReadResult:
+        noted = self._note(path)
         result = await self._call("read", path, "" if start is None else str(start), str(max_bytes), "1")
         status = result[0]
         if status == b"range":
@@ -386,6 +396,7 @@ class RedisStorage(ForkReferences):
             # read that clients would repeat forever.
             logger.error("stream %r: data from position %d is missing in Redis", path, position)
             raise StreamDataMissing(path)
+        _mark(noted, info)
         return ReadResult(info=info, start=int(result[1]), next=position, items=items)
 
     async def _read_own(
@@ -430,10 +441,20 @@ class RedisStorage(ForkReferences):
         return await self._shared(("head", path), self._head, path)
 
     async def _head(self, path: str) -> StreamInfo:
+        noted = self._note(path)
         result = await self._call("head", path)
         if result[0] != b"ok":
             raise self._status_error(result[0], path)
-        return _info(result[2:])
+        info = _info(result[2:])
+        _mark(noted, info)
+        return info
+
+    def _note(self, path: str) -> tuple[_Channel, int] | None:
+        """Before a read or head: the stream's channel and its wake count, if subscribed."""
+        if self._notifier is None:
+            return None
+        ch = self._notifier.confirmed(self._channel(path))
+        return None if ch is None else (ch, ch.wakes)
 
     # -- delete and fork references --------------------------------------------------------------
 
@@ -452,26 +473,44 @@ class RedisStorage(ForkReferences):
     # -- live ------------------------------------------------------------------------------------
 
     async def wait_for_data(self, path: str, position: int, timeout: float) -> bool:
+        return await wait_for_data(self, path, position, timeout)
+
+    async def watch(self, path: str, position: int) -> Watch:
         if self._notifier is None:
             self._notifier = Notifier(self._client)
-        deadline = asyncio.get_running_loop().time() + timeout
+        notifier, channel = self._notifier, self._channel(path)
         try:
-            async with self._notifier.subscription(self._channel(path)) as changed:
-                # Subscribed (and confirmed) before this final check: no write can slip between.
-                # Waiters woken together share the check, but only one begun after this point.
-                confirmed = asyncio.get_running_loop().time()
-                try:
-                    info = await self._shared(("head", path), self._head, path, since=confirmed)
-                except (StreamNotFound, StreamGone):
-                    return True
-                if info.tail > position or info.closed:
-                    return True
-                remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0:
-                    return False
-                return await wait_resolved(changed, remaining)
+            ch = await notifier.acquire(channel)
         except NotifierUnavailable as exc:
             raise StorageUnavailable(str(exc)) from exc
+        # Subscribed and confirmed: from here on, any change resolves ch.future.
+        confirmed = asyncio.get_running_loop().time()
+        future = ch.future
+        release = functools.partial(notifier.release, channel, ch)
+        try:
+            mark = ch.mark
+            if mark is not None:
+                # A read (or head) that began while subscribed saw the tail mark[1]. With nothing
+                # delivered since it began, any later change is still to come and resolves
+                # ``future``: no need to look again. Something delivered since: read again.
+                if mark[1] <= position and mark[0] == ch.wakes:
+                    return Watch(future, release)
+                release()
+                return resolved_watch()
+            # No read since subscribing: the final "is there new data?" check, after the
+            # subscription (so no write slips between). Waiters subscribed together share it, but
+            # only one begun after this point.
+            try:
+                info = await self._shared(("head", path), self._head, path, since=confirmed)
+            except (StreamNotFound, StreamGone):
+                info = None
+        except BaseException:
+            release()
+            raise
+        if info is None or info.tail > position or info.closed:
+            release()
+            return resolved_watch()
+        return Watch(future, release)
 
     async def aclose(self) -> None:
         await self._batcher.aclose()
@@ -486,3 +525,15 @@ class RedisStorage(ForkReferences):
         if self._owns_client:
             with contextlib.suppress(Exception):
                 await self._client.aclose(close_connection_pool=True)
+
+
+def _mark(noted: tuple[_Channel, int] | None, info: StreamInfo) -> None:
+    """After a read or head begun while subscribed: note what it saw, for :meth:`RedisStorage.watch`
+    (a closed stream is never waited on, so it gets no mark)."""
+    if noted is None:
+        return
+    ch, wakes = noted
+    if info.closed:
+        ch.mark = None
+    elif ch.mark is None or ch.mark[0] <= wakes:
+        ch.mark = (wakes, info.tail)
