@@ -68,6 +68,11 @@ class _Request:
                 self._query[key] = value
         return self._query
 
+    def forget(self) -> None:
+        """Drop the decoded headers and query, for a response that outlives its parsing (SSE)."""
+        self.headers = {}
+        self._query = {}
+
     @property
     def repeated(self) -> set[str]:
         """Parameters given more than once: ambiguous, so refused where they matter."""

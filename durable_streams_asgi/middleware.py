@@ -90,16 +90,19 @@ class DurableStreamsMiddleware:
             # that do not.
             relative = path[len(root) :] if root and path.startswith(root) else path
             if relative == self.prefix or relative.startswith(self._below):
-                # A copy, so that nothing the streams app sets leaks into the host's scope.
-                child = {**scope, "path": root + relative, "root_path": root + self.prefix}
+                # In place, as Starlette's Mount does: the request is the streams' from here on,
+                # and a copy of the scope would live as long as the connection (thousands of
+                # idle live readers each hold theirs).
+                scope["path"] = root + relative
+                scope["root_path"] = root + self.prefix
                 app = self.streams.app
                 if isinstance(app, DurableStreamsApp) and not app.user_middleware:
                     # What DurableStreamsApp.__call__ does, one frame less: every open live
                     # connection holds its frames for its whole life.
-                    child["app"] = app
-                    await app.handler(child, receive, send)
+                    scope["app"] = app
+                    await app.handler(scope, receive, send)
                 else:
-                    await app(child, receive, send)
+                    await app(scope, receive, send)
                 return
         elif kind == "lifespan":
             await _Lifespan(self.app, self.streams.aclose).run(scope, receive, send)

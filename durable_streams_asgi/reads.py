@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from starlette.types import Receive, Send
+from starlette.types import Send
 
 from . import offsets, protocol, sse
 from .jsonmode import join_messages
 from .options import Options
 from .protocol import Headers
 from .protocol import header as _h
-from .storage.base import ReadResult, Storage, StorageError, StreamInfo
+from .sse_session import SSESession
+from .storage.base import ReadResult, Storage, StreamInfo
 
 if TYPE_CHECKING:
     from .handlers import _Request
@@ -48,7 +46,12 @@ class ReadHandlers:
             raise protocol.bad_request("live reads require an offset")
         start = protocol.parse_read_offset(q.get("offset"))
         if live == "sse":
-            await self._sse(send, request, start)
+            del q
+            session = await self._sse(send, request, start)
+            # An SSE response may live for minutes, and idle ones are most of a busy server's
+            # connections: what its frames hold must be little.
+            request.forget()
+            await session.serve(request.receive)
             return
         result = await self.storage.read(request.path, start, self.options.max_read_bytes)
         if live == "long-poll" and not result.items:
@@ -111,7 +114,8 @@ class ReadHandlers:
                     del cache[next(iter(cache))]  # oldest first: dicts keep insertion order
         return event
 
-    async def _sse(self, send: Send, request: _Request, start: int | None) -> None:
+    async def _sse(self, send: Send, request: _Request, start: int | None) -> SSESession:
+        """Start an SSE response; the session returned writes the rest."""
         # The first read happens before the response starts, so that a missing stream or a
         # bad offset is a plain 404/400 and not an event stream that ends at once.
         first = await self.storage.read(request.path, start, self.options.max_read_bytes)
@@ -119,80 +123,16 @@ class ReadHandlers:
         headers = self._base_headers(request)
         headers += _SSE_HEADERS_BASE64 if encode else _SSE_HEADERS
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        # The stream is written by this task. A client that leaves is only noticed by receive()
-        # (sends to it are silently dropped), so one small watcher awaits that and cancels us:
-        # two tasks per live connection, which matters with thousands of them.
-        task = asyncio.current_task()
-        assert task is not None
-        # The watcher ends (done, not cancelled) only once the client has left: that is the flag,
-        # so an idle connection holds no Event of its own.
-        watcher = asyncio.ensure_future(_watch_disconnect(request.receive, task))
-        try:
-            async for chunk in self._sse_events(request, first, encode):
-                if _client_left(watcher):
-                    return  # the watcher's cancel was lost (see _watch_disconnect)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if not _client_left(watcher):
-                raise  # cancelled from outside (shutdown): let it propagate
-            # The client left: that ends the response, it is no error. (Python 3.10 counts no
-            # cancellations, so there is nothing to take back there.)
-            if hasattr(task, "uncancel"):
-                task.uncancel()
-        except OSError:
-            pass  # the connection broke while we wrote
-        finally:
-            watcher.cancel()
-
-    async def _sse_events(self, request: _Request, result: ReadResult, encode: bool) -> AsyncIterator[bytes]:
-        options = self.options
-        # The first cursor answers the client's (strictly after it, section 10.1); later ones only
-        # move forward with the clock.
-        first_cursor = int(offsets.next_cursor(request.query.get("cursor")))
-        deadline = time.monotonic() + options.sse_max_duration
-        told_up_to_date = False
-        while True:
-            # A control event follows every data event, in the same write so that no reader
-            # ever sees one without the other; with no data, a control event goes out only the
-            # first time the reader is caught up (or at EOF): a wake-up that found nothing new
-            # says nothing.
-            chunk = b""
-            if result.items:
-                chunk = self._sse_data_event(result, encode)
-            if result.items or result.at_end or (result.up_to_date and not told_up_to_date):
-                told_up_to_date = result.up_to_date
-                cursor = max(first_cursor, offsets.current_cursor_interval())
-                chunk += _control_event(result.next, cursor, result.up_to_date, result.at_end)
-            if chunk:
-                yield chunk
-            if result.at_end:
-                return
-            position = result.next
-            if result.up_to_date:
-                # Caught up: wait for a change, sending a comment now and then to keep the
-                # connection (and any proxy) alive, and end after the connection lifetime so
-                # CDNs can collapse reconnecting clients.
-                while True:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return
-                    try:
-                        changed = await self.storage.wait_for_data(
-                            request.path, position, min(remaining, options.sse_keepalive)
-                        )
-                    except StorageError:
-                        return  # storage unavailable: end the stream; the client reconnects
-                    if changed:
-                        break
-                    if deadline - time.monotonic() > 0:
-                        yield sse.KEEPALIVE
-            elif time.monotonic() >= deadline:
-                return
-            try:
-                result = await self.storage.read(request.path, position, options.max_read_bytes)
-            except StorageError:
-                return  # deleted or expired while we were reading: the reconnect will tell
+        return SSESession(
+            self.storage,
+            send,
+            request.path,
+            first,
+            encode=encode,
+            first_cursor=int(offsets.next_cursor(request.query.get("cursor"))),
+            options=self.options,
+            data_event=self._sse_data_event,
+        )
 
 
 # The shared data-event cache: a few hundred recent ranges, each at most 256 KiB.
@@ -206,26 +146,6 @@ _SSE_HEADERS: Headers = [
     (b"x-accel-buffering", b"no"),
 ]
 _SSE_HEADERS_BASE64: Headers = [*_SSE_HEADERS, (b"stream-sse-data-encoding", b"base64")]
-
-
-@functools.lru_cache(maxsize=4096)
-def _control_event(position: int, cursor: int, up_to_date: bool, closed: bool) -> bytes:
-    """Control events are the same for every reader at a position: encoded once."""
-    return sse.control_event(offsets.encode_offset(position), cursor=str(cursor), up_to_date=up_to_date, closed=closed)
-
-
-async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any]) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    task.cancel()
-
-
-def _client_left(watcher: asyncio.Future[None]) -> bool:
-    # Also checked by the writer, not only signalled by cancelling it: on Python 3.11 a
-    # cancellation can be lost inside asyncio.wait_for (used by connection pools); the writer
-    # then stops at its next event or keep-alive instead.
-    # (A watcher that failed is no proof of departure: a shutdown's cancel is then not taken back.)
-    return watcher.done() and not watcher.cancelled() and watcher.exception() is None
 
 
 def _etag_matches(if_none_match: str | None, etag: str) -> bool:

@@ -448,7 +448,7 @@ async def test_sse_sends_each_data_event_with_its_control_event_in_one_write(sto
 
 async def test_an_sse_response_ends_when_its_client_leaves(storage: Storage) -> None:
     """Servers drop sends to a departed client silently: only receive() tells, and the response
-    (with its waiter and watcher) must then end, not idle on until its lifetime runs out."""
+    (with its watch and writer) must then end, not idle on until its lifetime runs out."""
     from dataclasses import replace
 
     from starlette.applications import Starlette
@@ -485,7 +485,7 @@ async def test_an_sse_response_ends_when_its_client_leaves(storage: Storage) -> 
     response.result()  # returned normally: a client leaving is no error
     left = [t.get_coro() for t in asyncio.all_tasks() - before if not t.done()]
     # (A Redis backend's per-process notifier tasks stay, by design.)
-    assert not [c for c in left if getattr(c, "__qualname__", "") == "_watch_disconnect"]
+    assert not [c for c in left if getattr(c, "__qualname__", "") == "SSESession._pump"]
 
 
 @pytest.mark.parametrize(
