@@ -147,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         log_level=args.log_level,
         access_log=args.log_level in ("info", "debug"),
+        server_header=False,  # one header less per response, and no version advertised
         timeout_graceful_shutdown=5,
     )
     return 0

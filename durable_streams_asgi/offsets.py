@@ -36,8 +36,11 @@ class InvalidOffset(ValueError):
     """The string is neither a sentinel nor an offset this server could have minted."""
 
 
+_FORMAT = f"{_EPOCH}_%0{FIELD_WIDTH}d"  # built once: every response carries an offset
+
+
 def encode_offset(position: int) -> str:
-    return f"{_EPOCH}_{position:0{FIELD_WIDTH}d}"
+    return _FORMAT % position
 
 
 def decode_offset(token: str) -> int:

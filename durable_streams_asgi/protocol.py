@@ -169,8 +169,13 @@ def parse_live(value: str | None) -> str | None:
 
 
 @functools.lru_cache(maxsize=8192)  # the same paths come again and again; results are immutable
+@functools.lru_cache(maxsize=4096)
 def validate_path(path: str) -> str:
-    """The stream path below the mount point: no empty or dot segments, no control characters."""
+    """The stream path below the mount point: no empty or dot segments, no control characters.
+
+    Cached: the same paths come again and again (every append, every live read's round trip),
+    and the character checks are a measurable share of a small request. Refusals raise, and
+    are not cached."""
     if not path or path == "/":
         raise ProtocolError(404, "no stream path given")
     if len(path) > MAX_PATH_LENGTH:
