@@ -7,11 +7,12 @@ import base64
 import json
 import random
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
 
-from durable_streams_asgi.storage.base import Storage
+from durable_streams_asgi.storage.base import AppendRequest, Storage, StreamConfig
 
 from .conftest import make_host_app, sse_events
 
@@ -444,6 +445,47 @@ async def test_sse_sends_each_data_event_with_its_control_event_in_one_write(sto
     data_chunks = [b for b in bodies if b"event: data" in b]
     assert len(data_chunks) == 1
     assert data_chunks[0].index(b"event: data") < data_chunks[0].index(b"event: control\n")
+
+
+async def test_parked_sse_readers_get_keepalives_data_and_their_end(storage: Storage) -> None:
+    """Idle SSE readers wait without a task of their own, on one shared timer: each still gets its
+    keep-alive comments, then what is appended, in order, and the end of its lifetime."""
+    from dataclasses import replace
+
+    from durable_streams_asgi.app import durable_streams_app, streams_handler
+
+    app = durable_streams_app(storage, sse_max_duration=1.5)
+    handler = streams_handler(app)
+    handler.options = replace(handler.options, sse_keepalive=0.2)
+    await storage.create("/k", StreamConfig(content_type="text/plain"))
+    readers = 50
+    bodies: list[list[bytes]] = [[] for _ in range(readers)]
+    kept_alive = [asyncio.Event() for _ in range(readers)]
+
+    async def receive() -> dict[str, object]:
+        await asyncio.sleep(3600)  # the client never leaves: only the lifetime ends the response
+        return {"type": "http.disconnect"}
+
+    def sender(i: int) -> Any:
+        async def send(message: dict[str, object]) -> None:
+            body = message.get("body", b"")
+            if body:
+                bodies[i].append(body)  # type: ignore[arg-type]
+                if body == b": keep-alive\n\n":
+                    kept_alive[i].set()
+
+        return send
+
+    scope = {**_sse_scope("/v1/stream/k"), "query_string": b"offset=now&live=sse"}
+    responses = [asyncio.ensure_future(app(dict(scope), receive, sender(i))) for i in range(readers)]
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in kept_alive)), 10)
+    await storage.append("/k", AppendRequest(content_type="text/plain", items=[b"after the keep-alives"]))
+    done, _ = await asyncio.wait(responses, timeout=10)
+    assert len(done) == readers, "a response outlived its lifetime"
+    for chunks in bodies:
+        text = b"".join(chunks)
+        assert text.index(b": keep-alive") < text.index(b"data:after the keep-alives")
+        assert text.count(b"event: data") == 1
 
 
 async def test_an_sse_response_ends_when_its_client_leaves(storage: Storage) -> None:

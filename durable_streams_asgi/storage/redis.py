@@ -46,7 +46,7 @@ from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..notifier import Notifier, NotifierUnavailable, _Channel
+from ..notifier import Notifier, NotifierUnavailable, ReadNote, note_read
 from .base import (
     AppendRequest,
     AppendResult,
@@ -396,7 +396,7 @@ class RedisStorage(ForkReferences):
             # read that clients would repeat forever.
             logger.error("stream %r: data from position %d is missing in Redis", path, position)
             raise StreamDataMissing(path)
-        _mark(noted, info)
+        note_read(noted, info.tail, info.closed)
         return ReadResult(info=info, start=int(result[1]), next=position, items=items)
 
     async def _read_own(
@@ -446,15 +446,11 @@ class RedisStorage(ForkReferences):
         if result[0] != b"ok":
             raise self._status_error(result[0], path)
         info = _info(result[2:])
-        _mark(noted, info)
+        note_read(noted, info.tail, info.closed)
         return info
 
-    def _note(self, path: str) -> tuple[_Channel, int] | None:
-        """Before a read or head: the stream's channel and its wake count, if subscribed."""
-        if self._notifier is None:
-            return None
-        ch = self._notifier.confirmed(self._channel(path))
-        return None if ch is None else (ch, ch.wakes)
+    def _note(self, path: str) -> ReadNote | None:
+        return None if self._notifier is None else self._notifier.note(self._channel(path))
 
     # -- delete and fork references --------------------------------------------------------------
 
@@ -488,12 +484,11 @@ class RedisStorage(ForkReferences):
         future = ch.future
         release = functools.partial(notifier.release, channel, ch)
         try:
-            mark = ch.mark
-            if mark is not None:
-                # A read (or head) that began while subscribed saw the tail mark[1]. With nothing
-                # delivered since it began, any later change is still to come and resolves
-                # ``future``: no need to look again. Something delivered since: read again.
-                if mark[1] <= position and mark[0] == ch.wakes:
+            unchanged = Notifier.unchanged_since_read(ch, position)
+            if unchanged is not None:
+                # A read (or head) that began while subscribed is the final check: with nothing
+                # delivered since, any later change is still to come and resolves ``future``.
+                if unchanged:
                     return Watch(future, release)
                 release()
                 return resolved_watch()
@@ -525,15 +520,3 @@ class RedisStorage(ForkReferences):
         if self._owns_client:
             with contextlib.suppress(Exception):
                 await self._client.aclose(close_connection_pool=True)
-
-
-def _mark(noted: tuple[_Channel, int] | None, info: StreamInfo) -> None:
-    """After a read or head begun while subscribed: note what it saw, for :meth:`RedisStorage.watch`
-    (a closed stream is never waited on, so it gets no mark)."""
-    if noted is None:
-        return
-    ch, wakes = noted
-    if info.closed:
-        ch.mark = None
-    elif ch.mark is None or ch.mark[0] <= wakes:
-        ch.mark = (wakes, info.tail)
