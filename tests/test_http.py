@@ -476,7 +476,7 @@ async def test_parked_sse_readers_get_keepalives_data_and_their_end(storage: Sto
 
         return send
 
-    scope = {**_sse_scope("/v1/stream/k"), "query_string": b"offset=now&live=sse"}
+    scope = {**_sse_scope("/k"), "query_string": b"offset=now&live=sse"}  # the app unmounted
     responses = [asyncio.ensure_future(app(dict(scope), receive, sender(i))) for i in range(readers)]
     await asyncio.wait_for(asyncio.gather(*(e.wait() for e in kept_alive)), 10)
     await storage.append("/k", AppendRequest(content_type="text/plain", items=[b"after the keep-alives"]))
