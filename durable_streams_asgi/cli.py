@@ -86,6 +86,16 @@ def server_app() -> DurableStreamsMiddleware:
     return app
 
 
+def _http_protocol() -> type[asyncio.Protocol] | str:
+    """uvicorn's httptools protocol with smaller per-connection queues where this uvicorn and
+    httptools allow (see uvicorn_protocol.py); otherwise uvicorn's own choice."""
+    try:
+        from .uvicorn_protocol import lean_protocol
+    except ImportError:  # no httptools (the 'fast' extra): uvicorn falls back to h11
+        return "auto"
+    return lean_protocol() or "auto"
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -142,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     uvicorn.run(
         "durable_streams_asgi.cli:server_app",
         factory=True,
+        http=_http_protocol(),
         host=args.host,
         port=args.port,
         workers=args.workers,

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -180,10 +181,11 @@ async def client(storage: Storage, app_options: dict[str, object]) -> AsyncItera
 
 
 @contextlib.asynccontextmanager
-async def running_server(app: Starlette, lifespan: str = "off") -> AsyncIterator[str]:
-    """Serve ``app`` with uvicorn on a free loopback port inside this event loop."""
+async def running_server(app: Any, lifespan: str = "off", http: Any = "auto") -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn (``http``: its protocol) on a free loopback port inside this
+    event loop."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan, http=http)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:

@@ -1,0 +1,107 @@
+"""The standalone server's leaner uvicorn protocol: its stand-ins behave like what they replace,
+and a real server on it handles pipelining, back-pressure and live reads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+import uvicorn
+
+from durable_streams_asgi import cli
+from durable_streams_asgi.storage.memory import MemoryStorage
+from durable_streams_asgi.uvicorn_protocol import LeanHttpToolsProtocol, _Signal, lean_protocol
+
+from .conftest import running_server
+
+
+def test_the_cli_serves_with_the_lean_protocol_on_this_uvicorn() -> None:
+    assert lean_protocol() is LeanHttpToolsProtocol
+    assert cli._http_protocol() is LeanHttpToolsProtocol
+
+
+def test_an_unchecked_uvicorn_gets_its_own_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
+    for version in ("0.29.0", "0.99.1", "1.0.0", "dev"):
+        monkeypatch.setattr(uvicorn, "__version__", version)
+        assert lean_protocol() is None, version
+
+
+async def test_signal_behaves_like_an_asyncio_event() -> None:
+    signal = _Signal()
+    assert not signal.is_set()
+    waiters = [asyncio.ensure_future(signal.wait()) for _ in range(3)]
+    await asyncio.sleep(0)
+    waiters[0].cancel()  # one waiter leaving does not disturb the others
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waiters[1:])
+    signal.set()
+    assert await asyncio.gather(*waiters[1:]) == [True, True]
+    assert signal.is_set() and await signal.wait()  # stays set until cleared
+    signal.clear()
+    late = asyncio.ensure_future(signal.wait())
+    await asyncio.sleep(0)
+    assert not late.done()
+    signal.set()
+    assert await late
+
+
+@contextlib.asynccontextmanager
+async def lean_server() -> AsyncIterator[int]:
+    app = cli.build_app(MemoryStorage(), long_poll_timeout=5)
+    async with running_server(app, http=LeanHttpToolsProtocol) as url:
+        yield int(url.rsplit(":", 1)[1])
+
+
+async def _response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in head[1:] if line)
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(head[0].split()[1]), headers, body
+
+
+async def test_pipelined_requests_are_answered_in_order() -> None:
+    async with lean_server() as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        put = b"PUT /v1/stream/p HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\nContent-Length: 1\r\n\r\na"
+        posts = b"".join(
+            b"POST /v1/stream/p HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\nContent-Length: 1\r\n\r\n%d" % i
+            for i in range(5)
+        )
+        get = b"GET /v1/stream/p?offset=-1 HTTP/1.1\r\nHost: t\r\n\r\n"
+        writer.write(put + posts + get)  # one write: the server sees them pipelined
+        statuses = [(await _response(reader))[0] for _ in range(6)]
+        status, _, body = await _response(reader)
+        writer.close()
+    assert statuses == [201, 204, 204, 204, 204, 204]
+    assert (status, body) == (200, b"a01234")
+
+
+async def test_a_slow_reader_gets_a_large_response_whole() -> None:
+    """Back-pressure: the server's writes outrun a client that reads slowly; flow control pauses
+    and resumes the response (through the lean "writable" signal) and nothing is lost."""
+    payload = os.urandom(3 << 20)
+    async with lean_server() as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"PUT /v1/stream/big HTTP/1.1\r\nHost: t\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(payload) + payload
+        )
+        assert (await _response(reader))[0] == 201
+        writer.close()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: writes back up
+        sock.connect(("127.0.0.1", port))
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
+        writer.write(b"GET /v1/stream/big?offset=-1 HTTP/1.1\r\nHost: t\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        body = bytearray()
+        while len(body) < length:
+            body += await reader.read(4096)
+        writer.close()
+    assert bytes(body) == payload
