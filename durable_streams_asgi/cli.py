@@ -153,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "durable_streams_asgi.cli:server_app",
         factory=True,
         http=_http_protocol(),
+        ws="none",  # the standalone server serves no websockets
         host=args.host,
         port=args.port,
         workers=args.workers,

@@ -7,6 +7,10 @@ about a fifth of what an idle SSE connection costs. Each is only ever used by on
 time, or holds a pipelined request or two. This subclass swaps them for small equivalents with the
 same interface; everything else is uvicorn's.
 
+It also writes a response's head together with the first piece of its body. uvicorn writes each
+as it comes, so a small response costs two system calls and reaches the client as two packets
+(and two wake-ups of the client's event loop); a long-poll fan-out answers hundreds at once.
+
 It leans on uvicorn's internals, so the CLI uses it only with the uvicorn versions it was checked
 against (:func:`lean_protocol`), and the conformance suite runs against the CLI.
 """
@@ -80,8 +84,57 @@ class _Pipeline(list):  # type: ignore[type-arg]
         self.insert(0, item)
 
 
+# Bodies up to this size are copied behind their head for a single write; larger ones go in a
+# write of their own rather than being copied.
+_JOIN_LIMIT = 64 * 1024
+# Responses that never have a body: their head goes out at once.
+_BODILESS = (b"HTTP/1.1 204 ", b"HTTP/1.1 304 ", b"HTTP/1.1 1")
+
+
+class _Coalescing:
+    """The connection's transport, holding back a response head until its body's first write
+    (or the end of the event loop's current pass, whichever comes first)."""
+
+    __slots__ = ("_head", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._head: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            if len(data) <= _JOIN_LIMIT:
+                self._transport.write(head + data)
+                return
+            self._transport.write(head)
+        elif data.startswith(b"HTTP/1.") and data.endswith(b"\r\n\r\n") and not data.startswith(_BODILESS):
+            self._head = data
+            self._loop.call_soon(self.flush)  # a response that sends no body, or not yet
+            return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        head, self._head = self._head, None
+        if head is not None and not self._transport.is_closing():
+            self._transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class LeanHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with small stand-ins for its per-connection queues."""
+    """uvicorn's httptools protocol, with small stand-ins for its per-connection queues and a
+    response head written with its body. For servers without websockets (``ws="none"``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -90,6 +143,7 @@ class LeanHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.flow = _FlowControl(transport)
+        self.transport = _Coalescing(transport, self.loop)  # type: ignore[assignment]
 
     def on_headers_complete(self) -> None:
         before = self.cycle

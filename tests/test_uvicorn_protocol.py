@@ -105,3 +105,52 @@ async def test_a_slow_reader_gets_a_large_response_whole() -> None:
             body += await reader.read(4096)
         writer.close()
     assert bytes(body) == payload
+
+
+class _Recorder:
+    """Stands in for the socket transport under _Coalescing: records what reaches it."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str) -> str:
+        return f"extra:{name}"
+
+
+async def test_a_response_head_goes_out_with_its_body() -> None:
+    from durable_streams_asgi.uvicorn_protocol import _JOIN_LIMIT, _Coalescing
+
+    loop = asyncio.get_running_loop()
+    raw = _Recorder()
+    transport = _Coalescing(raw, loop)  # type: ignore[arg-type]
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+    transport.write(head)
+    assert raw.writes == []
+    transport.write(b"hi")
+    assert raw.writes == [head + b"hi"]  # one system call, one packet
+    # Bodiless responses go at once; a head whose body never comes goes by the end of the pass.
+    transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert raw.writes[-1] == b"HTTP/1.1 204 No Content\r\n\r\n"
+    transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+    await asyncio.sleep(0)
+    assert raw.writes[-1] == b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+    # A large body is not copied behind its head.
+    big = b"x" * (_JOIN_LIMIT + 1)
+    transport.write(head)
+    transport.write(big)
+    assert raw.writes[-2:] == [head, big]
+    # Closing sends what is held first; everything else is the real transport's.
+    transport.write(head)
+    transport.close()
+    assert raw.writes[-1] == head and raw.closed
+    assert transport.get_extra_info("peername") == "extra:peername"
