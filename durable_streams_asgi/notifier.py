@@ -26,6 +26,8 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from .storage.common import wait_resolved
+
 logger = logging.getLogger("durable_streams_asgi.notifier")
 
 # How long the listener blocks in one read: bounds how long a silently dead connection goes unseen
@@ -45,11 +47,13 @@ _LINGER = 2.0
 
 
 class _Channel:
-    __slots__ = ("confirmed", "future", "linger", "mark", "waiters", "wakes")
+    __slots__ = ("_confirmation", "confirmed", "future", "linger", "mark", "waiters", "wakes")
 
     def __init__(self) -> None:
         self.waiters = 0
-        self.confirmed = asyncio.Event()
+        #: Redis confirmed the subscription (and nothing since may have lost a message).
+        self.confirmed = False
+        self._confirmation: asyncio.Future[None] | None = None
         self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.linger: asyncio.TimerHandle | None = None
         #: How many times ``future`` was replaced: a reader notes it before it reads, and the
@@ -66,8 +70,20 @@ class _Channel:
 
     def invalidate(self) -> None:
         """Messages may have been lost: wake everyone to re-read, and wait for a new confirmation."""
-        self.confirmed.clear()
+        self.confirmed = False
         self.wake()
+
+    def confirm(self) -> None:
+        self.confirmed = True
+        confirmation, self._confirmation = self._confirmation, None
+        if confirmation is not None and not confirmation.done():
+            confirmation.set_result(None)
+
+    def confirmation(self) -> asyncio.Future[None]:
+        """Resolved at the next confirmation; shared by every waiter (never cancel it)."""
+        if self._confirmation is None:
+            self._confirmation = asyncio.get_running_loop().create_future()
+        return self._confirmation
 
 
 class _PubSub(PubSub):
@@ -117,16 +133,15 @@ class Notifier:
             ch.linger = None
         ch.waiters += 1
         try:
-            if ch.waiters == 1 and not ch.confirmed.is_set():
+            if ch.waiters == 1 and not ch.confirmed:
                 # Shielded: a waiter cancelled half-way must not leave a command half-counted.
                 await asyncio.shield(self._spawn(self._send("subscribe", channel)))
             else:
                 self._ensure_listener()
-            if not ch.confirmed.is_set():
-                try:
-                    await asyncio.wait_for(ch.confirmed.wait(), confirm_timeout)
-                except asyncio.TimeoutError:
-                    raise NotifierUnavailable("subscription not confirmed") from None
+            # A shared future and a timer, not a task per waiter: a thousand readers arriving at
+            # once wait for the same confirmation.
+            if not ch.confirmed and not await wait_resolved(ch.confirmation(), confirm_timeout):
+                raise NotifierUnavailable("subscription not confirmed")
         except BaseException:
             self.release(channel, ch)
             raise
@@ -148,7 +163,7 @@ class Notifier:
     def note(self, channel: bytes) -> ReadNote | None:
         """Before a read: the channel and its wake count, if it is subscribed and confirmed."""
         ch = self._channels.get(channel)
-        return (ch, ch.wakes) if ch is not None and ch.confirmed.is_set() else None
+        return (ch, ch.wakes) if ch is not None and ch.confirmed else None
 
     @staticmethod
     def unchanged_since_read(ch: _Channel, position: int) -> bool | None:
@@ -236,7 +251,7 @@ class Notifier:
             ch = self._channels.get(channel)
             if ch is not None:
                 if kind == "subscribe":
-                    ch.confirmed.set()
+                    ch.confirm()
                 else:
                     # The last command for this channel was an unsubscribe, but waiters came back.
                     ch.invalidate()
