@@ -210,6 +210,26 @@ async def test_a_watch_right_after_a_read_asks_redis_nothing(redis_url: str) -> 
         await storage.aclose()
 
 
+async def test_readers_arriving_together_share_one_check(redis_url: str) -> None:
+    """A thousand readers connecting at once (a page with many tabs, a reconnect storm) subscribe
+    once and share the final check, a single head script, instead of one each."""
+    storage = RedisStorage.from_url(redis_url, key_prefix=unique_prefix())
+    admin = Redis.from_url(redis_url)
+    try:
+        await storage.create("/t", StreamConfig(content_type="text/plain"))
+        before = await _script_calls(admin)
+        watches = await asyncio.gather(*(storage.watch("/t", 0) for _ in range(200)))
+        assert await _script_calls(admin) - before <= 2
+        assert not any(w.future.done() for w in watches)
+        await storage.append("/t", AppendRequest(content_type="text/plain", items=[b"x"]))
+        await asyncio.wait_for(asyncio.gather(*(asyncio.shield(w.future) for w in watches)), 5)
+        for w in watches:
+            w.close()
+    finally:
+        await admin.aclose()
+        await storage.aclose()
+
+
 async def test_a_channel_outlives_its_last_waiter_briefly_then_is_unsubscribed(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -148,7 +148,7 @@ class RedisStorage(ForkReferences):
         self._nonces = itertools.count()
         self._notifier: Notifier | None = None
         self._sweeper: asyncio.Task[None] | None = None
-        self._inflight: dict[tuple[Any, ...], tuple[asyncio.Future[Any], float]] = {}
+        self._inflight: dict[tuple[Any, ...], asyncio.Future[Any]] = {}
         self.sweep_interval = 5.0
 
     @classmethod
@@ -349,23 +349,19 @@ class RedisStorage(ForkReferences):
         # could have got on its own).
         return await self._shared(("read", path, start, max_bytes), self._read, path, start, max_bytes)
 
-    async def _shared(self, key: tuple[Any, ...], fn: Any, *args: Any, since: float = 0.0) -> Any:
-        """Run ``fn(*args)``, or join an identical call already under way that started at or after
-        ``since`` (loop time): a caller that needs state newer than some moment must not get an
-        answer read before it."""
-        entry = self._inflight.get(key)
-        if entry is None or entry[1] < since:
-            task = asyncio.ensure_future(fn(*args))
-            entry = (task, asyncio.get_running_loop().time())
-            self._inflight[key] = entry
+    async def _shared(self, key: tuple[Any, ...], fn: Any, *args: Any) -> Any:
+        """Run ``fn(*args)``, or join an identical call already under way."""
+        task = self._inflight.get(key)
+        if task is None:
+            task = self._inflight[key] = asyncio.ensure_future(fn(*args))
 
-            def forget(_: Any, key: tuple[Any, ...] = key, entry: Any = entry) -> None:
-                if self._inflight.get(key) is entry:
+            def forget(done: Any, key: tuple[Any, ...] = key) -> None:
+                if self._inflight.get(key) is done:
                     del self._inflight[key]
 
             task.add_done_callback(forget)
         # Shielded: one caller leaving (a client that disconnected) must not cancel the others'.
-        return await asyncio.shield(entry[0])
+        return await asyncio.shield(task)
 
     async def _read(self, path: str, start: int | None, max_bytes: int) -> ReadResult:
         noted = self._note(path)
@@ -479,33 +475,29 @@ class RedisStorage(ForkReferences):
             ch = await notifier.acquire(channel)
         except NotifierUnavailable as exc:
             raise StorageUnavailable(str(exc)) from exc
-        # Subscribed and confirmed: from here on, any change resolves ch.future.
-        confirmed = asyncio.get_running_loop().time()
-        future = ch.future
-        release = functools.partial(notifier.release, channel, ch)
+        # Subscribed and confirmed: from here on, any change resolves ch.future. The final "is
+        # there new data?" check is a read (or head) begun while subscribed, with nothing
+        # delivered since it began: any later change is then still to come. The live reader's
+        # own last read usually is one; otherwise a head is, shared by every waiter that needs
+        # one (a thousand readers arriving at once share a single round trip).
         try:
-            unchanged = Notifier.unchanged_since_read(ch, position)
-            if unchanged is not None:
-                # A read (or head) that began while subscribed is the final check: with nothing
-                # delivered since, any later change is still to come and resolves ``future``.
-                if unchanged:
-                    return Watch(future, release)
-                release()
-                return resolved_watch()
-            # No read since subscribing: the final "is there new data?" check, after the
-            # subscription (so no write slips between). Waiters subscribed together share it, but
-            # only one begun after this point.
-            try:
-                info = await self._shared(("head", path), self._head, path, since=confirmed)
-            except (StreamNotFound, StreamGone):
-                info = None
+            for _ in range(2):  # a head begun before the subscription was confirmed proves nothing
+                unchanged = Notifier.unchanged_since_read(ch, position)
+                if unchanged is not None:
+                    break
+                try:
+                    info = await self._shared(("head", path), self._head, path)
+                except (StreamNotFound, StreamGone):
+                    break
+                if info.closed or info.tail > position:
+                    break
         except BaseException:
-            release()
+            notifier.release(channel, ch)
             raise
-        if info is None or info.tail > position or info.closed:
-            release()
-            return resolved_watch()
-        return Watch(future, release)
+        if unchanged:
+            return Watch(ch.future, functools.partial(notifier.release, channel, ch))
+        notifier.release(channel, ch)
+        return resolved_watch()  # something to read now (or no proof that there is not)
 
     async def aclose(self) -> None:
         await self._batcher.aclose()
