@@ -47,7 +47,7 @@ _LINGER = 2.0
 
 
 class _Channel:
-    __slots__ = ("_confirmation", "confirmed", "future", "linger", "mark", "waiters", "wakes")
+    __slots__ = ("_confirmation", "confirmed", "future", "linger", "waiters")
 
     def __init__(self) -> None:
         self.waiters = 0
@@ -56,17 +56,11 @@ class _Channel:
         self._confirmation: asyncio.Future[None] | None = None
         self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.linger: asyncio.TimerHandle | None = None
-        #: How many times ``future`` was replaced: a reader notes it before it reads, and the
-        #: same count later proves that nothing was delivered (or lost) in between.
-        self.wakes = 0
-        #: ``(wakes, tail)`` of the latest read made while subscribed (see RedisStorage.watch).
-        self.mark: tuple[int, int] | None = None
 
     def wake(self) -> None:
         if not self.future.done():
             self.future.set_result(None)
         self.future = asyncio.get_running_loop().create_future()
-        self.wakes += 1
 
     def invalidate(self) -> None:
         """Messages may have been lost: wake everyone to re-read, and wait for a new confirmation."""
@@ -152,28 +146,6 @@ class Notifier:
         ch.waiters -= 1
         if ch.waiters == 0 and self._channels.get(channel) is ch and not self._closed:
             ch.linger = asyncio.get_running_loop().call_later(_LINGER, self._let_go, channel, ch)
-
-    # -- read marks ------------------------------------------------------------------------
-    #
-    # A live reader reads, sends, then waits, once per message. Its read can be the final "is
-    # there new data?" check for the wait that follows, sparing a round trip, when the read began
-    # while the channel was subscribed and no message arrived (or could have been lost) since:
-    # any change after the read's snapshot is then still to be delivered.
-
-    def note(self, channel: bytes) -> ReadNote | None:
-        """Before a read: the channel and its wake count, if it is subscribed and confirmed."""
-        ch = self._channels.get(channel)
-        return (ch, ch.wakes) if ch is not None and ch.confirmed else None
-
-    @staticmethod
-    def unchanged_since_read(ch: _Channel, position: int) -> bool | None:
-        """For a waiter at ``position``, holding ``ch``: True if the latest noted read saw no
-        data past it and nothing arrived since (wait on ``ch.future``); False if something
-        arrived since (read again); None if there is no such read (check some other way)."""
-        if ch.mark is None:
-            return None
-        wakes, tail = ch.mark
-        return tail <= position and wakes == ch.wakes
 
     def _let_go(self, channel: bytes, ch: _Channel) -> None:
         """The last waiter left a while ago and none came back: unsubscribe."""
@@ -355,18 +327,3 @@ class Notifier:
         if self._pubsub is not None:
             await self._discard(self._pubsub)
             self._pubsub = None
-
-
-ReadNote = tuple[_Channel, int]
-
-
-def note_read(noted: ReadNote | None, tail: int, closed: bool) -> None:
-    """After a read begun at ``noted`` (:meth:`Notifier.note`): remember the tail it saw. A closed
-    stream is never waited on, so it leaves no mark; an older read never overrides a newer one."""
-    if noted is None:
-        return
-    ch, wakes = noted
-    if closed:
-        ch.mark = None
-    elif ch.mark is None or ch.mark[0] <= wakes:
-        ch.mark = (wakes, tail)

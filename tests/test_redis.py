@@ -179,57 +179,6 @@ async def _subscribe_calls(admin: Redis) -> int:
     return int((await admin.info("commandstats")).get("cmdstat_subscribe", {}).get("calls", 0))
 
 
-async def _script_calls(admin: Redis) -> int:
-    stats = await admin.info("commandstats")
-    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval"))
-
-
-async def test_a_watch_right_after_a_read_asks_redis_nothing(redis_url: str) -> None:
-    """A live reader reads, sends, and watches, once per message: while its channel is subscribed,
-    the read itself is the final check, so the watch costs no round trip. A change delivered since
-    the read began makes the watch resolve at once (the reader reads again) instead."""
-    storage = RedisStorage.from_url(redis_url, key_prefix=unique_prefix())
-    admin = Redis.from_url(redis_url)
-    try:
-        await storage.create("/w", StreamConfig(content_type="text/plain"))
-        (await storage.watch("/w", 0)).close()  # subscribes; the channel lingers
-        result = await storage.read("/w", None, 100)
-        before = await _script_calls(admin)
-        watch = await storage.watch("/w", result.next)
-        assert await _script_calls(admin) == before
-        assert not watch.future.done()
-        await storage.append("/w", AppendRequest(content_type="text/plain", items=[b"x"]))
-        await asyncio.wait_for(asyncio.shield(watch.future), 5)
-        watch.close()
-        # The same read mark, now stale: something was delivered after it.
-        again = await storage.watch("/w", result.next)
-        assert again.future.done()
-        again.close()
-    finally:
-        await admin.aclose()
-        await storage.aclose()
-
-
-async def test_readers_arriving_together_share_one_check(redis_url: str) -> None:
-    """A thousand readers connecting at once (a page with many tabs, a reconnect storm) subscribe
-    once and share the final check, a single head script, instead of one each."""
-    storage = RedisStorage.from_url(redis_url, key_prefix=unique_prefix())
-    admin = Redis.from_url(redis_url)
-    try:
-        await storage.create("/t", StreamConfig(content_type="text/plain"))
-        before = await _script_calls(admin)
-        watches = await asyncio.gather(*(storage.watch("/t", 0) for _ in range(200)))
-        assert await _script_calls(admin) - before <= 2
-        assert not any(w.future.done() for w in watches)
-        await storage.append("/t", AppendRequest(content_type="text/plain", items=[b"x"]))
-        await asyncio.wait_for(asyncio.gather(*(asyncio.shield(w.future) for w in watches)), 5)
-        for w in watches:
-            w.close()
-    finally:
-        await admin.aclose()
-        await storage.aclose()
-
-
 async def test_a_channel_outlives_its_last_waiter_briefly_then_is_unsubscribed(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -46,7 +46,7 @@ from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..notifier import Notifier, NotifierUnavailable, ReadNote, note_read
+from ..notifier import Notifier, NotifierUnavailable
 from .base import (
     AppendRequest,
     AppendResult,
@@ -349,22 +349,25 @@ class RedisStorage(ForkReferences):
         # could have got on its own).
         return await self._shared(("read", path, start, max_bytes), self._read, path, start, max_bytes)
 
-    async def _shared(self, key: tuple[Any, ...], fn: Any, *args: Any) -> Any:
-        """Run ``fn(*args)``, or join an identical call already under way."""
-        task = self._inflight.get(key)
-        if task is None:
-            task = self._inflight[key] = asyncio.ensure_future(fn(*args))
+    async def _shared(self, key: tuple[Any, ...], fn: Any, *args: Any, since: float = 0.0) -> Any:
+        """Run ``fn(*args)``, or join an identical call already under way that started at or after
+        ``since`` (loop time): a caller that needs state newer than some moment must not get an
+        answer read before it."""
+        entry = self._inflight.get(key)
+        if entry is None or entry[1] < since:
+            task = asyncio.ensure_future(fn(*args))
+            entry = (task, asyncio.get_running_loop().time())
+            self._inflight[key] = entry
 
-            def forget(done: Any, key: tuple[Any, ...] = key) -> None:
-                if self._inflight.get(key) is done:
+            def forget(_: Any, key: tuple[Any, ...] = key, entry: Any = entry) -> None:
+                if self._inflight.get(key) is entry:
                     del self._inflight[key]
 
             task.add_done_callback(forget)
         # Shielded: one caller leaving (a client that disconnected) must not cancel the others'.
-        return await asyncio.shield(task)
+        return await asyncio.shield(entry[0])
 
     async def _read(self, path: str, start: int | None, max_bytes: int) -> ReadResult:
-        noted = self._note(path)
         result = await self._call("read", path, "" if start is None else str(start), str(max_bytes), "1")
         status = result[0]
         if status == b"range":
@@ -392,7 +395,6 @@ class RedisStorage(ForkReferences):
             # read that clients would repeat forever.
             logger.error("stream %r: data from position %d is missing in Redis", path, position)
             raise StreamDataMissing(path)
-        note_read(noted, info.tail, info.closed)
         return ReadResult(info=info, start=int(result[1]), next=position, items=items)
 
     async def _read_own(
@@ -437,16 +439,10 @@ class RedisStorage(ForkReferences):
         return await self._shared(("head", path), self._head, path)
 
     async def _head(self, path: str) -> StreamInfo:
-        noted = self._note(path)
         result = await self._call("head", path)
         if result[0] != b"ok":
             raise self._status_error(result[0], path)
-        info = _info(result[2:])
-        note_read(noted, info.tail, info.closed)
-        return info
-
-    def _note(self, path: str) -> ReadNote | None:
-        return None if self._notifier is None else self._notifier.note(self._channel(path))
+        return _info(result[2:])
 
     # -- delete and fork references --------------------------------------------------------------
 
@@ -475,29 +471,23 @@ class RedisStorage(ForkReferences):
             ch = await notifier.acquire(channel)
         except NotifierUnavailable as exc:
             raise StorageUnavailable(str(exc)) from exc
-        # Subscribed and confirmed: from here on, any change resolves ch.future. The final "is
-        # there new data?" check is a read (or head) begun while subscribed, with nothing
-        # delivered since it began: any later change is then still to come. The live reader's
-        # own last read usually is one; otherwise a head is, shared by every waiter that needs
-        # one (a thousand readers arriving at once share a single round trip).
+        # Subscribed and confirmed: from here on, any change resolves ``future``. Then the final
+        # "is there new data?" check, so that no write slips between it and the wait. Waiters
+        # subscribed together share it, but only one begun after this point.
+        confirmed = asyncio.get_running_loop().time()
+        future = ch.future
         try:
-            for _ in range(2):  # a head begun before the subscription was confirmed proves nothing
-                unchanged = Notifier.unchanged_since_read(ch, position)
-                if unchanged is not None:
-                    break
-                try:
-                    info = await self._shared(("head", path), self._head, path)
-                except (StreamNotFound, StreamGone):
-                    break
-                if info.closed or info.tail > position:
-                    break
+            try:
+                info = await self._shared(("head", path), self._head, path, since=confirmed)
+            except (StreamNotFound, StreamGone):
+                info = None
         except BaseException:
             notifier.release(channel, ch)
             raise
-        if unchanged:
-            return Watch(ch.future, functools.partial(notifier.release, channel, ch))
-        notifier.release(channel, ch)
-        return resolved_watch()  # something to read now (or no proof that there is not)
+        if info is None or info.tail > position or info.closed:
+            notifier.release(channel, ch)
+            return resolved_watch()
+        return Watch(future, functools.partial(notifier.release, channel, ch))
 
     async def aclose(self) -> None:
         await self._batcher.aclose()
