@@ -366,6 +366,14 @@ def main() -> None:
     for name in results:
         if name != "reference":
             report["ratios"][name] = {key: ratio(results[name].get(key), ref.get(key), hib) for key, _, hib in METRICS}
+    # A latency over the messages that arrived says nothing about those that did not: a run in
+    # which readers missed messages is reported as such, loudly.
+    report["incomplete"] = [
+        f"{name}: {kind} delivered {res[f'{kind}_delivered']:,} of {res[f'{kind}_expected']:,}"
+        for name, res in results.items()
+        for kind in ("sse", "long-poll", "tokens")
+        if f"{kind}_expected" in res and res[f"{kind}_delivered"] < res[f"{kind}_expected"]
+    ]
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
 
@@ -385,6 +393,10 @@ def main() -> None:
     for row in rows:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
     print(f"\nratios: above 1.00x means ours is better. JSON: {args.json}")
+    for line in report["incomplete"]:
+        print(f"INCOMPLETE: {line} (messages missed or late past the wait; latencies above cover only those delivered)")
+    if report["incomplete"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
