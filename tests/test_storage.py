@@ -258,17 +258,22 @@ async def test_wait_for_data_times_out_without_changes(storage: Storage) -> None
     assert await storage.wait_for_data("/s", 1, 5) is True  # data already past the position
 
 
+async def make_change(storage: Storage, path: str, change: str) -> None:
+    """One of the changes every live reader must wake for."""
+    if change == "append":
+        await storage.append(path, append(b"x"))
+    elif change == "close":
+        await storage.append(path, AppendRequest(content_type=None, items=[], close=True))
+    else:
+        await storage.delete(path)
+
+
 @pytest.mark.parametrize("change", ["append", "close", "delete"])
 async def test_wait_for_data_wakes_on_change(storage: Storage, change: str) -> None:
     await storage.create("/s", TEXT)
     waiters = [asyncio.create_task(storage.wait_for_data("/s", 0, 10)) for _ in range(50)]
     await asyncio.sleep(0)  # let them register
-    if change == "append":
-        await storage.append("/s", append(b"x"))
-    elif change == "close":
-        await storage.append("/s", AppendRequest(content_type=None, items=[], close=True))
-    else:
-        await storage.delete("/s")
+    await make_change(storage, "/s", change)
     results = await asyncio.wait_for(asyncio.gather(*waiters), 5)
     assert results == [True] * 50
 
@@ -296,12 +301,7 @@ async def test_watch_resolves_on_a_change_from_any_process(
     watches = [await storage.watch("/s", result.next) for _ in range(20)]
     try:
         assert not any(w.future.done() for w in watches)
-        if change == "append":
-            await other.append("/s", append(b"x"))
-        elif change == "close":
-            await other.append("/s", AppendRequest(content_type=None, items=[], close=True))
-        else:
-            await other.delete("/s")
+        await make_change(other, "/s", change)
         await asyncio.wait_for(asyncio.gather(*(w.future for w in watches)), 5)
     finally:
         for w in watches:

@@ -35,7 +35,7 @@ async def wait_resolved(shared: asyncio.Future[Any], timeout: float) -> bool:
 
 
 async def wait_for_data(storage: Storage, path: str, position: int, timeout: float) -> bool:
-    """:meth:`Storage.wait_for_data` in terms of :meth:`Storage.watch`, for every backend."""
+    """:meth:`Storage.wait_for_data` in terms of :meth:`Storage.watch` (Redis storage uses it)."""
     watch = await storage.watch(path, position)
     try:
         return await wait_resolved(watch.future, timeout)

@@ -358,29 +358,29 @@ class MemoryStorage:
     async def delete(self, path: str) -> None:
         self._delete(self._get(path, self._now()))
 
-    async def wait_for_data(self, path: str, position: int, timeout: float) -> bool:
-        # watch() and wait_resolved() in one, without the Watch: every long-poll round trip
-        # comes here, and with hundreds of readers on one worker each microsecond shows.
+    def _changed(self, path: str, position: int) -> asyncio.Future[None] | None:
+        """The stream's shared future for its next change, or None when there is something to
+        read now (data past ``position``, closure, or no stream)."""
         try:
             stream = self._get(path, self._now())
         except StorageError:
-            return True
+            return None
         if stream.tail > position or stream.closed:
-            return True
+            return None
         if stream.changed is None:
             stream.changed = asyncio.get_running_loop().create_future()
-        return await wait_resolved(stream.changed, timeout)
+        return stream.changed
+
+    async def wait_for_data(self, path: str, position: int, timeout: float) -> bool:
+        # Not through watch(): every long-poll round trip comes here, and a Watch per wait is
+        # work that hundreds of readers on one worker would feel.
+        changed = self._changed(path, position)
+        return True if changed is None else await wait_resolved(changed, timeout)
 
     async def watch(self, path: str, position: int) -> Watch:
-        try:
-            stream = self._get(path, self._now())
-        except StorageError:
-            return resolved_watch()
-        if stream.tail > position or stream.closed:
-            return resolved_watch()
-        if stream.changed is None:
-            stream.changed = asyncio.get_running_loop().create_future()
-        return Watch(stream.changed)  # nothing to release: the future is the stream's
+        changed = self._changed(path, position)
+        # Nothing to release: the future is the stream's.
+        return resolved_watch() if changed is None else Watch(changed)
 
     async def aclose(self) -> None:
         for stream in self._streams.values():

@@ -148,7 +148,7 @@ class RedisStorage(ForkReferences):
         self._nonces = itertools.count()
         self._notifier: Notifier | None = None
         self._sweeper: asyncio.Task[None] | None = None
-        self._inflight: dict[tuple[Any, ...], asyncio.Future[Any]] = {}
+        self._inflight: dict[tuple[Any, ...], tuple[asyncio.Future[Any], float]] = {}
         self.sweep_interval = 5.0
 
     @classmethod
