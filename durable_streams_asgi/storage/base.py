@@ -194,6 +194,24 @@ class ReadResult:
         return self.info.closed and self.next >= self.info.tail
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A named, expiring claim that one owner holds at a time (``acquire_lease``).
+
+    ``fence`` grows by one with every acquisition of the key, so a value derived from it (a
+    producer epoch, say) orders the holders: a later holder's writes fence off an earlier one's.
+    ``expires_at_ms`` is on the storage's clock, the one every process shares.
+    """
+
+    key: str
+    owner: str
+    fence: int
+    value: str
+    expires_at_ms: int
+    #: Taken and neither released nor past its deadline.
+    held: bool
+
+
 class Watch:
     """A registration for changes to one stream past one position, from :meth:`Storage.watch`.
 
@@ -284,6 +302,41 @@ class Storage(Protocol):
         thousands of idle live readers cheaply. Raises :class:`StorageUnavailable` when the
         backend cannot set up the watch. The caller must ``close()`` the watch.
         """
+        ...
+
+    # -- leases: shared ownership of work (a running generation) across processes -------------
+    #
+    # A lease record outlives its release for about a week, so that its fence keeps growing
+    # across holders; then it is forgotten.
+
+    async def acquire_lease(
+        self, key: str, owner: str, ttl_ms: int, value: str = "", *, force: bool = False
+    ) -> Lease | None:
+        """Take the lease ``key`` for ``owner`` for ``ttl_ms`` milliseconds, with ``value``.
+
+        Succeeds when the lease is free (never taken, released, or past its deadline), or when
+        ``force`` is set; returns the new :class:`Lease` (its fence one more than the last one).
+        Returns None, changing nothing, when another owner holds it.
+        """
+        ...
+
+    async def renew_lease(self, key: str, owner: str, fence: int, ttl_ms: int) -> bool:
+        """Extend the lease to ``ttl_ms`` from now if ``owner`` still holds it at ``fence``.
+        False when it was released, taken over, or had expired."""
+        ...
+
+    async def release_lease(self, key: str, owner: str, fence: int) -> bool:
+        """Release the lease if ``owner`` holds it at ``fence`` (False otherwise; idempotent)."""
+        ...
+
+    async def get_lease(self, key: str) -> Lease | None:
+        """The lease's record, held or not; None when it was never taken (or forgotten)."""
+        ...
+
+    async def expired_leases(self, prefix: str, limit: int = 100) -> list[Lease]:
+        """Up to ``limit`` leases whose key starts with ``prefix`` that are taken, not released,
+        and past their deadline: their holder stopped renewing them (it died). A caller takes one
+        over with ``acquire_lease``, which exactly one concurrent caller wins."""
         ...
 
     async def aclose(self) -> None:

@@ -48,6 +48,7 @@ from .common import (
     same_content_type,
     wait_resolved,
 )
+from .memory_leases import MemoryLeases
 
 # How often expired streams are swept out, at most (seconds). Expiry itself is exact: every
 # access checks the stream's own deadline; the sweep only frees memory of streams nobody reads.
@@ -198,10 +199,11 @@ class _Stream:
         return info
 
 
-class MemoryStorage:
+class MemoryStorage(MemoryLeases):
     """Streams held in this process's memory; lost when it exits. One process only."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._streams: dict[str, _Stream] = {}
         self._next_sweep = 0.0
 

@@ -42,9 +42,7 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, ResponseError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import ResponseError
 
 from ..notifier import Notifier, NotifierUnavailable
 from .base import (
@@ -53,6 +51,7 @@ from .base import (
     ContentTypeMismatch,
     CreateResult,
     InvalidProducerSeq,
+    Lease,
     OffsetOutOfRange,
     ProducerSeqGap,
     ReadResult,
@@ -77,26 +76,14 @@ from .common import (
     wait_for_data,
 )
 from .redis_batch import ScriptBatcher
+from .redis_errors import UNAVAILABLE as _UNAVAILABLE
+from .redis_errors import response_error as _response_error
 from .redis_forks import ForkReferences
 from .redis_layout import _entries, _escape, _fork_origin, _info, _take, _text
+from .redis_leases import RedisLeases
 
 logger = logging.getLogger("durable_streams_asgi.redis")
 
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ReadOnlyError, OutOfMemoryError, OSError)
-# Server states that pass (memory pressure, failover, a persistence error, a busy script): 503.
-_UNAVAILABLE_REPLIES = (
-    "OOM",
-    "MISCONF",
-    "BUSY",
-    "MASTERDOWN",
-    "CLUSTERDOWN",
-    "TRYAGAIN",
-    "LOADING",
-    "READONLY",
-    "NOREPLICAS",
-    "MOVED",
-    "ASK",
-)
 _SCRIPTS = ("create", "append", "read", "head", "delete", "fork_ref", "release")
 _READ_ONLY_SCRIPTS = frozenset({"read", "head"})  # (read refreshes a sliding TTL: harmless twice)
 
@@ -108,14 +95,6 @@ def _load_script(name: str) -> str:
 
 class StreamDataMissing(StorageError):
     """Redis lost data the metadata says exists (evicted, or a replica behind): a server fault."""
-
-
-def _response_error(exc: ResponseError) -> Exception:
-    text = str(exc)
-    # Errors raised inside a script read "... script: ... OOM command not allowed ...".
-    if any(text.startswith(code) or f" {code} " in text or f"-{code} " in text for code in _UNAVAILABLE_REPLIES):
-        return StorageUnavailable(text)
-    return exc
 
 
 class RedisStorage(ForkReferences):
@@ -142,6 +121,7 @@ class RedisStorage(ForkReferences):
         self._owns_client = owns_client
         self._scripts = {name: client.register_script(_load_script(name)) for name in _SCRIPTS}
         self._batcher = ScriptBatcher(client)
+        self._leases = RedisLeases(client, key_prefix, self._command)
         # Append nonces: unique across processes (a random prefix) and cheap (a counter, where
         # uuid4 per append cost a urandom system call).
         self._nonce_prefix = uuid.uuid4().hex[:16]
@@ -457,6 +437,25 @@ class RedisStorage(ForkReferences):
             source, member = _text(result[1]), f"{path}\n{_text(result[2])}"
             # The fork is gone; dropping its reference may fail now and is then the sweeper's job.
             await self._release_quietly(source, member, f"{member}\n{source}")
+
+    # -- leases ----------------------------------------------------------------------------------
+
+    async def acquire_lease(
+        self, key: str, owner: str, ttl_ms: int, value: str = "", *, force: bool = False
+    ) -> Lease | None:
+        return await self._leases.acquire_lease(key, owner, ttl_ms, value, force=force)
+
+    async def renew_lease(self, key: str, owner: str, fence: int, ttl_ms: int) -> bool:
+        return await self._leases.renew_lease(key, owner, fence, ttl_ms)
+
+    async def release_lease(self, key: str, owner: str, fence: int) -> bool:
+        return await self._leases.release_lease(key, owner, fence)
+
+    async def get_lease(self, key: str) -> Lease | None:
+        return await self._leases.get_lease(key)
+
+    async def expired_leases(self, prefix: str, limit: int = 100) -> list[Lease]:
+        return await self._leases.expired_leases(prefix, limit)
 
     # -- live ------------------------------------------------------------------------------------
 
