@@ -3,9 +3,12 @@ written into a stream by a background task that outlives the HTTP request that s
 
 The task batches what arrives within ``linger`` seconds into one append (an LLM emits many tiny
 tokens; one write each would cost a round trip each), writes with idempotent producer headers (so
-a retried append never duplicates), closes the stream when the source ends, and when the source
-fails appends a final error record and closes. On shutdown running generations get
-``shutdown_timeout`` seconds to finish, then are interrupted (error record, close).
+a retried append never duplicates; appends are retried with backoff while the storage is
+unavailable), closes the stream when the source ends, and when the source fails appends a final
+error record and closes. A generation whose stream another writer closed, or whose producer epoch
+another writer passed, stops (and closes its source): that is how a stop or a takeover from
+another process ends it. On shutdown running generations get ``shutdown_timeout`` seconds to
+finish, then are interrupted (error record, close).
 
 The response helpers implement the contract of ``@durable-streams/aisdk-transport``: ``immediate``
 answers 201 with ``Location`` and ``{"streamUrl"}`` at once; ``await`` sends the headers at once
@@ -18,19 +21,28 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from . import offsets
 from .jsonmode import encode_message
-from .storage.base import AppendRequest, Producer, StreamConfig
+from .storage.base import (
+    AppendRequest,
+    AppendResult,
+    Producer,
+    StaleEpoch,
+    Storage,
+    StorageError,
+    StorageUnavailable,
+    StreamClosed,
+    StreamConfig,
+)
 from .storage.common import is_json_content_type
-
-if TYPE_CHECKING:
-    from .streams import DurableStreams
 
 logger = logging.getLogger("durable_streams_asgi.generation")
 
@@ -48,6 +60,11 @@ class Generation:
     def __init__(self, path: str, task: asyncio.Task[str]) -> None:
         self.path = path
         self.task = task
+        #: How it ended, once done: ``finished`` (the source ended), ``failed`` (the source
+        #: raised, or the storage stayed unavailable past the retry budget), ``stopped`` (another
+        #: writer closed the stream or fenced this one off: a stop, or a takeover) or
+        #: ``interrupted`` (cancelled, e.g. at shutdown).
+        self.outcome: Outcome | None = None
 
     @property
     def done(self) -> bool:
@@ -59,11 +76,59 @@ class Generation:
         return await asyncio.shield(self.task)
 
 
+Outcome = Literal["finished", "failed", "stopped", "interrupted"]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteOptions:
+    """How a generation writes its stream."""
+
+    content_type: str = "application/json"
+    #: Seconds to gather small chunks into one append, and the most bytes one append gathers.
+    linger: float = 0.005
+    max_batch_bytes: int = 64 * 1024
+    #: What a failed or interrupted generation appends last; None: the default error record.
+    error_record: Callable[[BaseException], Any] | None = None
+    #: Close the stream at the end (a stream per generation), or leave it open (a session stream
+    #: that later turns append to).
+    close: bool = True
+    #: The producer tuple of the appends: a later writer with a higher epoch fences this one off
+    #: (its appends then fail and the generation ends as ``stopped``).
+    producer_id: str | None = None
+    epoch: int = 0
+    first_seq: int = 0
+    #: How long to keep retrying an append while the storage is unavailable (a Redis restart or
+    #: failover): the same producer tuple each time, so a retry applies exactly once.
+    retry_for: float = 30.0
+
+
+class _Fenced(Exception):
+    """Another writer closed the stream or took over the producer: the generation stops."""
+
+
+async def append_with_retry(storage: Storage, path: str, request: AppendRequest, retry_for: float) -> AppendResult:
+    """``storage.append``, retried with backoff while the storage is unavailable (for up to
+    ``retry_for`` seconds). Safe only for a request with a producer tuple: a retry of an append
+    whose reply was lost is then recognised and not applied twice."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + retry_for
+    delay = 0.05
+    while True:
+        try:
+            return await storage.append(path, request)
+        except StorageUnavailable:
+            if loop.time() + delay > give_up:
+                raise
+            logger.info("append to %s: storage unavailable, retrying in %.2f s", path, delay)
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, 2.0)
+
+
 class GenerationRunner:
     """Owns the background tasks of one :class:`DurableStreams`."""
 
-    def __init__(self, streams: DurableStreams, *, shutdown_timeout: float) -> None:
-        self._streams = streams
+    def __init__(self, storage: Storage, *, shutdown_timeout: float) -> None:
+        self._storage = storage
         self._tasks: set[asyncio.Task[str]] = set()
         self.shutdown_timeout = shutdown_timeout
 
@@ -75,19 +140,23 @@ class GenerationRunner:
         self,
         path: str,
         source: AsyncIterable[Any],
+        options: WriteOptions,
         *,
-        content_type: str,
-        linger: float,
-        max_batch_bytes: int,
-        error_record: Callable[[BaseException], Any] | None,
-        ttl: int | None,
+        create: StreamConfig | None = None,
+        finalize: Callable[[Generation], Awaitable[None]] | None = None,
     ) -> Generation:
-        # Created before the task starts: a client given the stream's URL may read it at once.
-        await self._streams.storage.create(path, StreamConfig(content_type=content_type, ttl_seconds=ttl))
-        task = asyncio.ensure_future(self._run(path, source, content_type, linger, max_batch_bytes, error_record))
+        """Write ``source`` into ``path`` from a background task. ``create``: the stream is
+        created first, so a client given its URL may read it at once. ``finalize`` runs in the
+        same task once the writing ended, whatever the outcome (shielded from cancellation)."""
+        if create is not None:
+            await self._storage.create(path, create)
+        holder: list[Generation] = []
+        task = asyncio.ensure_future(self._run(path, source, options, holder, finalize))
+        generation = Generation(path, task)
+        holder.append(generation)
         self._tasks.add(task)
         task.add_done_callback(self._finished)
-        return Generation(path, task)
+        return generation
 
     def _finished(self, task: asyncio.Task[str]) -> None:
         self._tasks.discard(task)
@@ -107,19 +176,41 @@ class GenerationRunner:
                 task.cancel()
             _, pending = await asyncio.wait(pending, timeout=1.0)
 
+    async def _append(self, path: str, request: AppendRequest, retry_for: float) -> None:
+        try:
+            await append_with_retry(self._storage, path, request, retry_for)
+        except (StreamClosed, StaleEpoch) as exc:
+            raise _Fenced(path) from exc
+
     async def _run(
         self,
         path: str,
         source: AsyncIterable[Any],
-        content_type: str,
-        linger: float,
-        max_batch_bytes: int,
-        error_record: Callable[[BaseException], Any] | None,
+        options: WriteOptions,
+        holder: list[Generation],
+        finalize: Callable[[Generation], Awaitable[None]] | None,
     ) -> str:
-        storage = self._streams.storage
+        try:
+            holder[0].outcome, final = await self._write(path, source, options)
+        except asyncio.CancelledError:
+            holder[0].outcome = "interrupted"
+            raise
+        finally:
+            if holder[0].outcome is None:
+                holder[0].outcome = "failed"
+            if finalize is not None:
+                try:
+                    await asyncio.shield(finalize(holder[0]))
+                except Exception:
+                    logger.exception("generation %s: finalizing failed", path)
+        return final
+
+    async def _write(self, path: str, source: AsyncIterable[Any], options: WriteOptions) -> tuple[Outcome, str]:
+        storage = self._storage
+        content_type = options.content_type
         is_json = is_json_content_type(content_type)
-        producer_id = f"generation-{uuid.uuid4().hex}"
-        seq = 0
+        producer_id = options.producer_id or f"generation-{uuid.uuid4().hex}"
+        seq = options.first_seq
 
         def encode(item: Any) -> bytes:
             if is_json:
@@ -128,13 +219,19 @@ class GenerationRunner:
 
         in_flight: AppendRequest | None = None
 
-        async def write(items: list[bytes], close: bool) -> str:
+        async def write(items: list[bytes], close: bool) -> None:
             nonlocal seq, in_flight
-            in_flight = AppendRequest(content_type, items, close=close, producer=Producer(producer_id, 0, seq))
-            result = await storage.append(path, in_flight)
+            if not items and not close:
+                return
+            in_flight = AppendRequest(
+                content_type, items, close=close, producer=Producer(producer_id, options.epoch, seq)
+            )
+            await self._append(path, in_flight, options.retry_for)
             in_flight = None
             seq += 1
-            return offsets.encode_offset(result.info.tail)
+
+        async def tail() -> str:
+            return offsets.encode_offset((await storage.head(path)).tail)
 
         iterator = source.__aiter__()
         # One outstanding __anext__ across batches: cancelling it on a linger timeout would throw
@@ -150,7 +247,7 @@ class GenerationRunner:
                     pending = asyncio.ensure_future(iterator.__anext__())
                 if batch:
                     wait = flush_at - loop.time()
-                    if wait > 0 and size < max_batch_bytes:
+                    if wait > 0 and size < options.max_batch_bytes:
                         done, _ = await asyncio.wait((pending,), timeout=wait)
                     else:
                         done = set()
@@ -164,14 +261,20 @@ class GenerationRunner:
                 try:
                     item = next_future.result()
                 except StopAsyncIteration:
-                    return await write(batch, close=True)
+                    await write(batch, close=options.close)
+                    return "finished", await tail()
                 encoded = encode(item)
                 if not encoded:
                     continue
                 if not batch:
-                    flush_at = loop.time() + linger
+                    flush_at = loop.time() + options.linger
                 batch.append(encoded)
                 size += len(encoded)
+        except _Fenced:
+            # Stopped from elsewhere (the stream closed, or a higher epoch wrote): what was
+            # written stays, nothing more is, and the source is closed below.
+            logger.info("generation %s: stopped by another writer", path)
+            return "stopped", await tail()
         except BaseException as exc:
             if pending is not None:
                 pending.cancel()
@@ -182,22 +285,35 @@ class GenerationRunner:
                 # producer request again applies it exactly once either way.
                 unsure = in_flight
                 try:
-                    await asyncio.shield(storage.append(path, unsure))
+                    await asyncio.shield(self._append(path, unsure, options.retry_for))
                     seq += 1
+                except _Fenced:
+                    raise_fenced = True
                 except Exception as replay_error:
                     logger.warning("generation %s: replaying an interrupted append failed: %r", path, replay_error)
+                else:
+                    raise_fenced = False
                 if unsure.items is batch:
                     batch = []
-            record = (error_record or (lambda e: default_error_record(e, is_json)))(exc)
+                if raise_fenced:
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    return "stopped", await tail()
+            record = (options.error_record or (lambda e: default_error_record(e, is_json)))(exc)
             final = [*batch, encode(record)] if record is not None else batch
             try:
-                await asyncio.shield(write(final, close=True))
+                await asyncio.shield(write(final, close=options.close))
+            except _Fenced:
+                pass
             except Exception as final_error:
                 logger.warning("generation %s: writing its final record failed: %r", path, final_error)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             logger.warning("generation source for %s failed: %r", path, exc)
-            return offsets.encode_offset((await storage.head(path)).tail)
+            try:
+                return "failed", await tail()
+            except StorageError:
+                return "failed", ""
         finally:
             with contextlib.suppress(Exception):
                 aclose = getattr(iterator, "aclose", None)

@@ -14,17 +14,17 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 from starlette.applications import Starlette
 
 from . import offsets, protocol
 from .app import Authorize, durable_streams_app
-from .generation import Generation, GenerationRunner
+from .generation import Generation, GenerationRunner, WriteOptions
 from .jsonmode import encode_message, join_messages, split_messages
 from .protocol import ProtocolError
 from .storage.base import AppendRequest, AppendResult, Producer, Storage, StreamConfig, StreamInfo
@@ -58,6 +58,13 @@ def _path(path: str) -> str:
         raise ValueError(f"invalid stream path {path!r}: {exc.message}") from exc
 
 
+class Service(Protocol):
+    """A background worker that lives as long as the streams (see :meth:`DurableStreams.add_service`)."""
+
+    def start(self) -> None: ...
+    async def aclose(self) -> None: ...
+
+
 def _as_bytes(data: bytes | str) -> bytes:
     return data.encode("utf-8") if isinstance(data, str) else data
 
@@ -79,7 +86,8 @@ class DurableStreams:
         self.storage: Storage = storage if storage is not None else MemoryStorage()
         self.mount_path = "/" + mount_path.strip("/") if mount_path.strip("/") else ""
         self.app: Starlette = durable_streams_app(self.storage, authorize=authorize, **app_options)
-        self._generations = GenerationRunner(self, shutdown_timeout=shutdown_timeout)
+        self._generations = GenerationRunner(self.storage, shutdown_timeout=shutdown_timeout)
+        self._services: list[Service] = []
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -212,19 +220,25 @@ class DurableStreams:
         max_batch_bytes: int = 64 * 1024,
         error_record: Callable[[BaseException], Any] | None = None,
         ttl: int | None = None,
+        options: WriteOptions | None = None,
+        create: bool = True,
+        finalize: Callable[[Generation], Awaitable[None]] | None = None,
     ) -> Generation:
-        """Create the stream at ``path``, then write ``source`` into it from a background task that
-        outlives the request that started it. The stream exists when this returns, so its URL can
-        be handed out at once. See :class:`~durable_streams_asgi.generation.Generation`."""
-        return await self._generations.start(
-            _path(path),
-            source,
-            content_type=content_type,
-            linger=linger,
-            max_batch_bytes=max_batch_bytes,
-            error_record=error_record,
-            ttl=ttl,
-        )
+        """Create the stream at ``path`` (unless ``create`` is false: then it must exist), then
+        write ``source`` into it from a background task that outlives the request that started
+        it. The stream exists when this returns, so its URL can be handed out at once.
+
+        ``options`` (a :class:`~durable_streams_asgi.generation.WriteOptions`) replaces the
+        keyword arguments ``content_type``, ``linger``, ``max_batch_bytes`` and ``error_record``
+        and adds the producer tuple, the retry budget and whether to close at the end.
+        ``finalize(generation)`` runs once the writing ended, whatever the outcome. See
+        :class:`~durable_streams_asgi.generation.Generation`."""
+        if options is None:
+            options = WriteOptions(
+                content_type=content_type, linger=linger, max_batch_bytes=max_batch_bytes, error_record=error_record
+            )
+        config = StreamConfig(content_type=options.content_type, ttl_seconds=ttl) if create else None
+        return await self._generations.start(_path(path), source, options, create=config, finalize=finalize)
 
     @property
     def generations(self) -> GenerationRunner:
@@ -236,7 +250,17 @@ class DurableStreams:
         """Finish (or, after ``shutdown_timeout``, interrupt) running generations, then close
         the storage."""
         await self._generations.shutdown()
+        for service in reversed(self._services):
+            await service.aclose()
         await self.storage.aclose()
+
+    def add_service(self, service: Service) -> None:
+        """Run ``service`` (a background worker over these streams, e.g. the chat apps' lease
+        keeper) with the streams: ``start()`` in the lifespan's startup (services may also start
+        themselves on first use), ``aclose()`` on shutdown after generations ended and before the
+        storage closes."""
+        if service not in self._services:
+            self._services.append(service)
 
     def lifespan(self, app: Any = None) -> contextlib.AbstractAsyncContextManager[None]:
         """A lifespan for the host app: ``FastAPI(lifespan=streams.lifespan)``."""
@@ -244,6 +268,8 @@ class DurableStreams:
         @contextlib.asynccontextmanager
         async def manage() -> AsyncIterator[None]:
             try:
+                for service in self._services:
+                    service.start()
                 yield
             finally:
                 await self.aclose()
