@@ -1,0 +1,308 @@
+"""The server side of ``@durable-streams/aisdk-transport``: durable AI SDK chats.
+
+    chat = AISDKChat(streams, model)          # model(turn) -> async iterable of UI message chunks
+    app.router.routes.extend(chat.routes("/api/chat"))   # createDurableChatTransport({api: "/api/chat"})
+
+Routes, below the transport's ``api`` URL (``chat.routes(api)`` for Starlette and FastAPI,
+``chat.wrap(app, api)`` around any ASGI app):
+
+- ``POST {api}``: useChat's body (``id``, ``messages``, ``trigger``, ``messageId`` and the app's own
+  ``body`` fields). Starts the answer as a durable generation writing a new JSON stream, and
+  answers as the transport expects: ``immediate`` (201, ``Location``, ``{"streamUrl"}``) or
+  ``await`` (200 once the answer is written, with ``finalOffset``). 409 while the chat has an
+  answer running.
+- ``GET {api}/{chat_id}/stream``: the transport's reconnect: 204 when nothing is running, else the
+  running answer's stream URL, from any process.
+- ``POST {api}/{chat_id}/stop``: ends the running answer, from any process: its stream gets an
+  ``abort`` chunk and is closed, and the model is stopped at its next chunk.
+- ``GET {api}/{chat_id}/messages``: the conversation for a page that (re)loads: ``{"messages": [...],
+  "active": <stream URL or null>}``; resume ``active`` (useChat's ``resume``) for the answer
+  still being written.
+
+Each answer's stream lives at ``<path_prefix>/<chat id>/<generation id>``; the conversation is a
+JSON stream at ``<path_prefix>/<chat id>/history`` (see :mod:`.uimessages`). A process that dies
+mid-answer has its answer ended by another (``error`` chunk and close) within about 1.3 times
+``lease_ttl``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from ..generation import Generation, WriteOptions, generation_response, reconnect_response
+from ..jsonmode import encode_message
+from ..storage.base import AppendRequest, Lease, Producer, StaleEpoch, StreamClosed, StreamNotFound
+from ..streams import DurableStreams
+from .http import (
+    ChatAuthorize,
+    ChatError,
+    ChatRoutes,
+    chat_id_of,
+    check,
+    guarded,
+    json_object,
+    message_list,
+    no_store,
+    stream_url,
+)
+from .runtime import PRODUCER_ID, ChatRuntime, Running
+from .uimessages import History, MessageBuilder
+
+TRIGGERS = ("submit-message", "regenerate-message")
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """What the model function is given for one answer."""
+
+    chat_id: str
+    #: The conversation as the client sent it (UIMessages), ending with the user's message.
+    messages: list[dict[str, Any]]
+    trigger: str
+    #: The id the answer's assistant message gets (the ``start`` chunk carries it).
+    message_id: str
+    #: The rest of the request body: the app's own fields (useChat's ``body`` option).
+    body: dict[str, Any] = field(default_factory=dict)
+    request: Request | None = None
+
+    @property
+    def prompt(self) -> str:
+        """The text of the last user message."""
+        for message in reversed(self.messages):
+            if message.get("role") == "user":
+                return "".join(
+                    p.get("text", "")
+                    for p in message.get("parts", [])
+                    if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                )
+        return ""
+
+
+Model = Callable[[ChatTurn], AsyncIterable[Any]]
+
+
+async def ui_message_chunks(tokens: AsyncIterable[str], message_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
+    """Text tokens (an LLM SDK's text stream) as UI message chunks: start, one text part, finish."""
+    yield {"type": "start", "messageId": message_id} if message_id else {"type": "start"}
+    yield {"type": "text-start", "id": "text-1"}
+    async for token in tokens:
+        if token:
+            yield {"type": "text-delta", "id": "text-1", "delta": token}
+    yield {"type": "text-end", "id": "text-1"}
+    yield {"type": "finish"}
+
+
+class AISDKChat:
+    """Durable AI SDK chats over ``streams``; see the module's documentation."""
+
+    kind = "aisdk"
+
+    def __init__(
+        self,
+        streams: DurableStreams,
+        model: Model,
+        *,
+        path_prefix: str = "/chats",
+        mode: Literal["immediate", "await"] = "immediate",
+        ttl: int | None = 7 * 24 * 3600,
+        lease_ttl: float = 15.0,
+        max_body_size: int = 4 * 1024 * 1024,
+        authorize: ChatAuthorize | None = None,
+        retry_for: float = 30.0,
+    ) -> None:
+        if mode not in ("immediate", "await"):
+            raise ValueError("mode must be 'immediate' or 'await'")
+        self.streams = streams
+        self.model = model
+        self.path_prefix = "/" + path_prefix.strip("/")
+        self.mode = mode
+        self.ttl = ttl
+        self.max_body_size = max_body_size
+        self.authorize = authorize
+        self.retry_for = retry_for
+        self.runtime = ChatRuntime.of(streams, lease_ttl=lease_ttl)
+        self.runtime.on_orphan(f"{self.kind}:{self.path_prefix}/", self._end_orphan)
+
+    def routes(self, api: str = "/api/chat") -> list[Route]:
+        """The endpoints at ``api`` (the transport's ``api`` option) and below, for a Starlette or
+        FastAPI app: ``app.router.routes.extend(chat.routes("/api/chat"))``."""
+        api = "/" + api.strip("/")
+        return [
+            Route(api, guarded(self.send), methods=["POST"]),
+            Route(api + "/{chat_id}/stream", guarded(self.reconnect), methods=["GET"]),
+            Route(api + "/{chat_id}/stop", guarded(self.stop), methods=["POST"]),
+            Route(api + "/{chat_id}/messages", guarded(self.messages), methods=["GET"]),
+        ]
+
+    def wrap(self, app: ASGIApp, api: str = "/api/chat") -> ASGIApp:
+        """``app`` with the endpoints in front of it at ``api`` (any ASGI framework, e.g. Django)."""
+        return ChatRoutes(app, self.routes(api))
+
+    # -- names -----------------------------------------------------------------------------------
+
+    def _key(self, chat_id: str) -> str:
+        return f"{self.kind}:{self.path_prefix}/{chat_id}"
+
+    def history_path(self, chat_id: str) -> str:
+        return f"{self.path_prefix}/{chat_id}/history"
+
+    # -- the conversation ------------------------------------------------------------------------
+
+    async def history(self, chat_id: str) -> History:
+        history = History()
+        try:
+            async for chunk in self.streams.read(self.history_path(chat_id)):
+                for record in chunk.messages:
+                    history.apply(record)
+        except StreamNotFound:
+            pass
+        return history
+
+    async def _record(self, chat_id: str, record: dict[str, Any]) -> None:
+        path = self.history_path(chat_id)
+        await self.streams.create(path, content_type="application/json", ttl=self.ttl)
+        await self.streams.append_json(path, record)
+
+    async def _answer_of(self, running: Running) -> dict[str, Any]:
+        """The assistant message of a generation, folded from its stream (the truth, whoever wrote it)."""
+        builder = MessageBuilder(running.details.get("message_id", ""))
+        try:
+            async for chunk in self.streams.read(running.path):
+                for item in chunk.messages:
+                    builder.add(item)
+        except StreamNotFound:
+            pass
+        return builder.done()
+
+    # -- routes ----------------------------------------------------------------------------------
+
+    async def send(self, request: Request) -> Response:
+        body = await json_object(request, self.max_body_size)
+        chat_id = chat_id_of(body.pop("id", None))
+        messages = message_list(body.pop("messages", None))
+        trigger = body.pop("trigger", "submit-message")
+        if trigger not in TRIGGERS:
+            raise ChatError(400, f'"trigger" must be one of {", ".join(TRIGGERS)}')
+        body.pop("messageId", None)
+        await check(self.authorize, request, "send", chat_id)
+        generation, path = await self.start(chat_id, messages, trigger, body, request)
+        url = stream_url(self.streams, request, path)
+        if self.mode == "immediate":
+            response = JSONResponse({"streamUrl": url}, status_code=201)
+            response.headers["Location"] = url
+            response.headers["Access-Control-Expose-Headers"] = "Location"
+            return no_store(response)
+        return no_store(generation_response(generation, url, mode="await"))
+
+    async def start(
+        self,
+        chat_id: str,
+        messages: list[dict[str, Any]],
+        trigger: str = "submit-message",
+        body: dict[str, Any] | None = None,
+        request: Request | None = None,
+    ) -> tuple[Generation, str]:
+        """Start an answer (what ``POST`` does, for a host app's own route): the generation and
+        its stream's path. Raises :class:`ChatError` (409) when one is running."""
+        message_id = f"msg-{uuid.uuid4().hex}"
+        path = f"{self.path_prefix}/{chat_id}/{uuid.uuid4().hex}"
+        history = await self.history(chat_id)
+        keep = history.common_prefix(messages)
+        details = {"path": path, "message_id": message_id}
+        lease = await self.runtime.begin(self._key(chat_id), details)
+        if lease is None:
+            raise ChatError(409, "this chat has an answer being written; stop it first")
+        try:
+            await self._record(chat_id, {"turn": path, "keep": keep, "messages": messages[keep:]})
+            turn = ChatTurn(chat_id, messages, trigger, message_id, body or {}, request)
+            options = WriteOptions(
+                content_type="application/json", producer_id=PRODUCER_ID, epoch=lease.fence, retry_for=self.retry_for
+            )
+
+            async def finalize(generation: Generation) -> None:
+                if generation.outcome != "stopped":  # a stop records the answer itself
+                    running = Running(lease, path, details)
+                    await self._record(chat_id, {"answer": path, "message": await self._answer_of(running)})
+                await self.runtime.end(lease)
+
+            generation = await self.streams.start_generation(
+                path, self._chunks(turn), options=options, ttl=self.ttl, finalize=finalize
+            )
+        except BaseException:
+            await self.runtime.end(lease)
+            raise
+        return generation, path
+
+    async def _chunks(self, turn: ChatTurn) -> AsyncIterator[Any]:
+        """The model's chunks, with the answer's message id on its ``start`` chunk (prepended when
+        the model sends none), so that every reader and the history agree on it."""
+        first = True
+        async for chunk in self.model(turn):
+            if isinstance(chunk, str):
+                raise TypeError("the model yields UI message chunks (dicts); wrap text with ui_message_chunks()")
+            if first:
+                first = False
+                if isinstance(chunk, dict) and chunk.get("type") == "start":
+                    chunk = {**chunk, "messageId": turn.message_id}
+                else:
+                    yield {"type": "start", "messageId": turn.message_id}
+            yield chunk
+
+    async def reconnect(self, request: Request) -> Response:
+        chat_id = chat_id_of(request.path_params["chat_id"])
+        await check(self.authorize, request, "read", chat_id)
+        running = await self.runtime.running(self._key(chat_id))
+        return no_store(reconnect_response(stream_url(self.streams, request, running.path) if running else None))
+
+    async def messages(self, request: Request) -> Response:
+        chat_id = chat_id_of(request.path_params["chat_id"])
+        await check(self.authorize, request, "read", chat_id)
+        # The lease first, then the history: an answer that ends in between is in the history,
+        # and is then not reported as active.
+        running = await self.runtime.running(self._key(chat_id))
+        history = await self.history(chat_id)
+        active = None
+        if running is not None and not (history.turn == running.path and history.answered):
+            active = stream_url(self.streams, request, running.path)
+        return no_store(JSONResponse({"messages": history.messages, "active": active}))
+
+    async def stop(self, request: Request) -> Response:
+        chat_id = chat_id_of(request.path_params["chat_id"])
+        await check(self.authorize, request, "stop", chat_id)
+        await self.stop_chat(chat_id)
+        return no_store(Response(status_code=204))
+
+    async def stop_chat(self, chat_id: str) -> bool:
+        """Stop the chat's running answer, whichever process runs it; False when none runs."""
+        running = await self.runtime.running(self._key(chat_id))
+        if running is None:
+            return False
+        lease = await self.runtime.take_over(running)
+        await self._end(lease, {"type": "abort"})
+        await self.runtime.end(lease)
+        return True
+
+    async def _end_orphan(self, lease: Lease) -> None:
+        await self._end(lease, {"type": "error", "errorText": "the server writing this answer stopped"})
+
+    async def _end(self, lease: Lease, record: dict[str, Any]) -> None:
+        """End a generation we took the lease of: ``record`` and a close, written with the new
+        fence (fencing off the old writer), then its answer into the history."""
+        running = Running.of(lease)
+        request = AppendRequest(
+            "application/json", [encode_message(record)], close=True, producer=Producer(PRODUCER_ID, lease.fence, 0)
+        )
+        try:
+            await self.streams.storage.append(running.path, request)
+        except (StreamClosed, StaleEpoch, StreamNotFound):
+            pass  # it ended by itself meanwhile (or expired); its writer recorded the answer
+        chat_id = running.path[len(self.path_prefix) + 1 :].split("/", 1)[0]
+        await self._record(chat_id, {"answer": running.path, "message": await self._answer_of(running)})
