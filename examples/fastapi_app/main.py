@@ -1,17 +1,21 @@
-"""A FastAPI chat whose generations are durable streams.
+"""A FastAPI chat whose answers are durable streams, on any number of workers.
 
-Run from this folder:  uvicorn main:app
+Run from this folder (after building the page once: ``npm ci && npm run build`` in ``web/``):
 
-- POST /api/chat starts a generation server-side and answers at once with the stream's URL; the
-  generation goes on whatever the browser does (sleep, refresh, lose the network).
-- GET /api/chat/{chat_id}/stream says whether that chat has a generation running (for resuming).
-- /v1/stream/... is the Durable Streams protocol; the page reads its generation there over SSE.
-- GET / is the chat page (plain HTML and JavaScript, no build step).
+    uvicorn main:app                                   # memory storage, one process
+    REDIS_URL=redis://localhost:6379/0 uvicorn main:app --workers 4
 
-Storage is Redis when REDIS_URL is set, memory otherwise; DURABLE_STREAMS_LONG_POLL_TIMEOUT sets
-the long-poll timeout. The model is a deterministic fake unless OPENAI_API_KEY or ANTHROPIC_API_KEY
-is set (and that provider's SDK installed). HTTP writes to /v1/stream need
-``Authorization: Bearer $DEMO_WRITE_TOKEN``; the app itself writes in-process.
+- ``/``: the chat page (React, the AI SDK's ``useChat`` with ``createDurableChatTransport`` of
+  ``@durable-streams/aisdk-transport``, bundled from npm by ``web/build.mjs``).
+- ``/api/chat``: the AI SDK chat (``AISDKChat``): send, reconnect, stop, the conversation.
+- ``/api/tanstack``: the same model as a TanStack AI chat session (``TanStackChat``), for
+  ``durableStreamConnection`` of ``@durable-streams/tanstack-ai-transport``.
+- ``/v1/stream/...``: the Durable Streams protocol the answers are read from.
+
+Storage is Redis when ``REDIS_URL`` is set, memory otherwise. The model is OpenAI's or Anthropic's
+when ``OPENAI_API_KEY`` or ``ANTHROPIC_API_KEY`` is set (and that SDK installed), and a
+deterministic fake otherwise. HTTP writes to ``/v1/stream`` need ``Authorization: Bearer
+$DEMO_WRITE_TOKEN``; the chats write in-process.
 """
 
 from __future__ import annotations
@@ -19,20 +23,28 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, Response
-from pydantic import BaseModel
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 
-from durable_streams_asgi import AccessDenied, DurableStreams, generation_response, reconnect_response
+from durable_streams_asgi import AccessDenied, DurableStreams
+from durable_streams_asgi.chat import (
+    AISDKChat,
+    ChatTurn,
+    TanStackChat,
+    TanStackTurn,
+    tanstack_chunks,
+    ui_message_chunks,
+)
 from durable_streams_asgi.storage.base import Storage
 from durable_streams_asgi.storage.memory import MemoryStorage
 
 HERE = Path(__file__).resolve().parent
+STATIC = HERE / "static"
 
 
 def make_storage() -> Storage:
@@ -44,12 +56,9 @@ def make_storage() -> Storage:
     return RedisStorage.from_url(url, key_prefix=os.environ.get("DURABLE_STREAMS_KEY_PREFIX", "ds:"))
 
 
-# -- access control: the framework's auth decides who may do what -----------------------------
-
-
 async def authorize(request: Any, action: str, path: str) -> bool:
     """Anyone with a stream's URL may read it (the URL is the capability, as in a share link);
-    writing over HTTP needs the write token. The generations below write in-process."""
+    writing over HTTP needs the write token. The chats below write in-process."""
     if action == "read" or os.environ.get("DEMO_OPEN_WRITES") == "1":  # development only
         return True
     token = os.environ.get("DEMO_WRITE_TOKEN")
@@ -65,7 +74,7 @@ streams = DurableStreams(
     long_poll_timeout=float(os.environ.get("DURABLE_STREAMS_LONG_POLL_TIMEOUT", "30")),
 )
 
-# -- the model ----------------------------------------------------------------------------------
+# -- the model: text tokens for the conversation ------------------------------------------------
 
 
 def fake_answer(prompt: str) -> list[str]:
@@ -76,100 +85,86 @@ def fake_answer(prompt: str) -> list[str]:
     return [w + " " for w in words]
 
 
-async def fake_model(prompt: str) -> AsyncIterator[str]:
+async def fake_tokens(prompt: str) -> AsyncIterator[str]:
     delay = float(os.environ.get("DEMO_TOKEN_DELAY", "0.05"))
     for token in fake_answer(prompt):
         await asyncio.sleep(delay)
         yield token
 
 
-async def provider_model(prompt: str) -> AsyncIterator[str] | None:
-    """A real model when a provider key and SDK are there (not exercised by the tests)."""
+async def openai_tokens(conversation: list[dict[str, str]]) -> AsyncIterator[str]:
+    from openai import AsyncOpenAI  # type: ignore[import-not-found]
+
+    stream = await AsyncOpenAI().chat.completions.create(
+        model=os.environ.get("OPENAI_MODEL", "gpt-4o-mini"), messages=conversation, stream=True
+    )
+    async for event in stream:
+        delta = event.choices[0].delta.content if event.choices else None
+        if delta:
+            yield delta
+
+
+async def anthropic_tokens(conversation: list[dict[str, str]]) -> AsyncIterator[str]:
+    from anthropic import AsyncAnthropic  # type: ignore[import-not-found]
+
+    async with AsyncAnthropic().messages.stream(
+        model=os.environ.get("ANTHROPIC_MODEL", "claude-sonnet-4-20250514"),
+        max_tokens=1024,
+        messages=[m for m in conversation if m["role"] in ("user", "assistant")],
+    ) as stream:
+        async for text in stream.text_stream:
+            yield text
+
+
+def tokens_for(conversation: list[dict[str, str]]) -> AsyncIterator[str]:
+    """A provider's model when its key is set, the fake one otherwise."""
     if os.environ.get("OPENAI_API_KEY"):
-        try:
-            from openai import AsyncOpenAI  # type: ignore[import-not-found]
-        except ImportError:
-            return None
-
-        async def openai_tokens() -> AsyncIterator[str]:
-            client = AsyncOpenAI()
-            stream = await client.chat.completions.create(
-                model=os.environ.get("OPENAI_MODEL", "gpt-4o-mini"),
-                messages=[{"role": "user", "content": prompt}],
-                stream=True,
-            )
-            async for event in stream:
-                delta = event.choices[0].delta.content if event.choices else None
-                if delta:
-                    yield delta
-
-        return openai_tokens()
+        return openai_tokens(conversation)
     if os.environ.get("ANTHROPIC_API_KEY"):
-        try:
-            from anthropic import AsyncAnthropic  # type: ignore[import-not-found]
-        except ImportError:
-            return None
-
-        async def anthropic_tokens() -> AsyncIterator[str]:
-            client = AsyncAnthropic()
-            async with client.messages.stream(
-                model=os.environ.get("ANTHROPIC_MODEL", "claude-sonnet-4-20250514"),
-                max_tokens=1024,
-                messages=[{"role": "user", "content": prompt}],
-            ) as stream:
-                async for text in stream.text_stream:
-                    yield text
-
-        return anthropic_tokens()
-    return None
+        return anthropic_tokens(conversation)
+    prompt = next((m["content"] for m in reversed(conversation) if m["role"] == "user"), "")
+    return fake_tokens(prompt)
 
 
-async def ui_message_chunks(tokens: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
-    """Tokens as AI SDK UI message chunks, the format ``createDurableChatTransport`` reads."""
-    yield {"type": "start"}
-    yield {"type": "text-start", "id": "text-1"}
-    async for token in tokens:
-        yield {"type": "text-delta", "id": "text-1", "delta": token}
-    yield {"type": "text-end", "id": "text-1"}
-    yield {"type": "finish"}
+def text_of(message: dict[str, Any]) -> str:
+    """A message's text, from AI SDK (``text``) or TanStack (``content``) text parts."""
+    parts = message.get("parts") or []
+    return "".join(p.get("text") or p.get("content") or "" for p in parts if p.get("type") == "text")
 
+
+def conversation_of(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    return [{"role": m.get("role", "user"), "content": text_of(m)} for m in messages]
+
+
+async def aisdk_model(turn: ChatTurn) -> AsyncIterator[dict[str, Any]]:
+    async for chunk in ui_message_chunks(tokens_for(conversation_of(turn.messages))):
+        yield chunk
+
+
+async def tanstack_model(turn: TanStackTurn) -> AsyncIterator[dict[str, Any]]:
+    async for chunk in tanstack_chunks(tokens_for(conversation_of(turn.messages)), turn):
+        yield chunk
+
+
+lease_ttl = float(os.environ.get("CHAT_LEASE_TTL", "15"))
+chat = AISDKChat(streams, aisdk_model, lease_ttl=lease_ttl)
+tanstack = TanStackChat(streams, tanstack_model, lease_ttl=lease_ttl)
 
 # -- the app -------------------------------------------------------------------------------------
 
 app = FastAPI(lifespan=streams.lifespan)
 app.mount("/v1/stream", streams.app)
-
-# chat id -> path of its running generation. Per process: with several workers, keep this in
-# your database (the AI SDK guide calls it activeStreamId).
-active: dict[str, str] = {}
-
-
-class ChatRequest(BaseModel):
-    prompt: str
-    chatId: str | None = None
-    mode: str = "immediate"
+app.router.routes.extend(chat.routes("/api/chat"))
+app.router.routes.extend(tanstack.routes("/api/tanstack"))
+STATIC.mkdir(exist_ok=True)
+app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 
-@app.post("/api/chat")
-async def start_chat(body: ChatRequest, request: Request) -> Response:
-    chat_id = body.chatId or uuid.uuid4().hex[:12]
-    path = f"/chats/{chat_id}/{uuid.uuid4().hex[:12]}"
-    tokens = await provider_model(body.prompt) or fake_model(body.prompt)
-    generation = await streams.start_generation(path, ui_message_chunks(tokens), ttl=24 * 3600)
-    active[chat_id] = path
-    generation.task.add_done_callback(lambda _: active.pop(chat_id, None) if active.get(chat_id) == path else None)
-    url = streams.url_for(str(request.base_url), path)
-    response = generation_response(generation, url, mode="await" if body.mode == "await" else "immediate")
-    response.headers["X-Chat-Id"] = chat_id
-    return response
-
-
-@app.get("/api/chat/{chat_id}/stream")
-async def reconnect(chat_id: str, request: Request) -> Response:
-    path = active.get(chat_id)
-    return reconnect_response(streams.url_for(str(request.base_url), path) if path else None)
+@app.get("/healthz", response_class=PlainTextResponse)
+async def healthz() -> str:
+    return "ok"
 
 
 @app.get("/", response_class=HTMLResponse)
 async def page() -> HTMLResponse:
-    return HTMLResponse((HERE / "index.html").read_text())
+    return HTMLResponse((HERE / "index.html").read_text(), headers={"Cache-Control": "no-store"})
