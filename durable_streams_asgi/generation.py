@@ -136,6 +136,10 @@ class GenerationRunner:
     def running(self) -> int:
         return sum(not t.done() for t in self._tasks)
 
+    def tasks(self) -> list[asyncio.Task[str]]:
+        """The running generations' tasks (each ends with its stream's final offset)."""
+        return [t for t in self._tasks if not t.done()]
+
     async def start(
         self,
         path: str,

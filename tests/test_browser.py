@@ -1,5 +1,5 @@
 """The FastAPI example's chat page (useChat of the AI SDK over @durable-streams/aisdk-transport,
-built from examples/fastapi_app/web) in a real browser: headless Chromium (Debian's package)
+built from examples/chat_page) in a real browser: headless Chromium (Debian's package)
 driven by Playwright.
 
 One conversation, as a person would have it: ask, open a second tab on the chat's URL and reload
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.timeout(300)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "fastapi_app"
-WEB = EXAMPLE / "web"
+WEB = ROOT / "examples" / "chat_page"
 # What the machine's own Chromium needs to run headless as root on a closed network.
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -74,7 +74,7 @@ def expected_answer(prompt: str, tokens: int) -> str:
 
 
 def npm(*args: str) -> None:
-    """``npm ARGS --prefix examples/fastapi_app/web``; its output in the failure if it fails."""
+    """``npm ARGS --prefix examples/chat_page``; its output in the failure if it fails."""
     binary = shutil.which("npm")
     if binary is None:
         pytest.fail("npm (Node.js >= 20) is required to build the chat page: apt-get install nodejs npm")
@@ -85,15 +85,15 @@ def npm(*args: str) -> None:
 
 @pytest.fixture(scope="session")
 def chat_bundle() -> Path:
-    """The page's bundle, examples/fastapi_app/static/chat.js, built from the sources once per run.
+    """The page's bundle, examples/chat_page/dist/chat.js, built from the sources once per run.
     ``npm ci`` only when node_modules is missing or older than the lock file (npm writes
     node_modules/.package-lock.json at every install)."""
     installed = WEB / "node_modules" / ".package-lock.json"
     if not installed.exists() or installed.stat().st_mtime < (WEB / "package-lock.json").stat().st_mtime:
         npm("ci", "--no-audit", "--no-fund")
     npm("run", "build")
-    bundle = EXAMPLE / "static" / "chat.js"
-    assert bundle.is_file(), "npm run build made no static/chat.js"
+    bundle = WEB / "dist" / "chat.js"
+    assert bundle.is_file(), "npm run build made no dist/chat.js"
     return bundle
 
 

@@ -55,6 +55,7 @@ def reply_for(prompt: str) -> str:
 
 
 def expected_chunks(prompt: str) -> list[dict[str, str]]:
+    """The answer's chunks, less the message id that the chat puts on ``start`` (see without_id)."""
     words = reply_for(prompt).split(" ")
     deltas = [{"type": "text-delta", "id": "t1", "delta": w + " "} for w in words[:-1]]
     deltas.append({"type": "text-delta", "id": "t1", "delta": words[-1]})
@@ -65,6 +66,17 @@ def expected_chunks(prompt: str) -> list[dict[str, str]]:
         {"type": "text-end", "id": "t1"},
         {"type": "finish"},
     ]
+
+
+def without_id(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    assert chunks and chunks[0]["type"] == "start" and chunks[0]["messageId"].startswith("msg-"), chunks[:1]
+    return [{k: v for k, v in c.items() if k != "messageId"} for c in chunks]
+
+
+def chat_body(chat_id: str, prompt: str, **extra: Any) -> dict[str, Any]:
+    """What useChat (through createDurableChatTransport) posts for a new user message."""
+    message = {"id": f"u-{uuid.uuid4().hex[:8]}", "role": "user", "parts": [{"type": "text", "text": prompt}]}
+    return {"id": chat_id, "messages": [message], "trigger": "submit-message", "messageId": None, **extra}
 
 
 def unique(name: str) -> str:
@@ -161,7 +173,7 @@ async def read_json_sse(client: httpx.AsyncClient, url: str) -> list[Any]:
 async def test_django_pages_are_served_by_django(anon: httpx.AsyncClient) -> None:
     r = await anon.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-    assert "Durable chat" in r.text and "EventSource" in r.text
+    assert "Durable chat" in r.text and '<script type="module" src="/static/chat.js"' in r.text
     assert (await anon.get("/api/me")).json() == {"user": None}
     assert (await anon.get("/api/chat")).status_code == 405  # POST only
     for path in ("/nope", "/v1/streams/x", "/v1/streamx", "/api/v1/stream/x"):
@@ -275,7 +287,7 @@ async def test_sse_json_stream(user: httpx.AsyncClient) -> None:
 async def test_chat_generation_and_reconnect(server: Server, anon: httpx.AsyncClient) -> None:
     chat_id = unique("chat")
     prompt = "What is a durable stream?"
-    r = await anon.post("/api/chat", json={"id": chat_id, "prompt": prompt})
+    r = await anon.post("/api/chat", json=chat_body(chat_id, prompt))
     assert r.status_code == 201, r.text
     stream_url = r.json()["streamUrl"]
     assert r.json() == {"streamUrl": stream_url} and r.headers["location"] == stream_url
@@ -287,27 +299,33 @@ async def test_chat_generation_and_reconnect(server: Server, anon: httpx.AsyncCl
     assert again.status_code == 200 and again.json() == {"streamUrl": stream_url}
     assert again.headers["location"] == stream_url
 
-    assert await read_json_sse(anon, stream_url) == expected_chunks(prompt)
-    # Closed means done: the generation has ended, so there is nothing to reconnect to.
-    assert (await anon.get(f"/api/chat/{chat_id}/stream")).status_code == 204
+    assert without_id(await read_json_sse(anon, stream_url)) == expected_chunks(prompt)
     catch_up = await anon.get(stream_url, params={"offset": "-1"})
-    assert catch_up.json() == expected_chunks(prompt) and catch_up.headers["stream-closed"] == "true"
+    assert without_id(catch_up.json()) == expected_chunks(prompt) and catch_up.headers["stream-closed"] == "true"
+    # Once the answer is in the conversation, there is nothing to reconnect to.
+    for _ in range(100):
+        state = (await anon.get(f"/api/chat/{chat_id}/messages")).json()
+        if len(state["messages"]) == 2:
+            break
+        await asyncio.sleep(0.02)  # the answer is recorded right after the stream closes
+    assert state["active"] is None and state["messages"][1]["parts"][0]["text"] == reply_for(prompt)
+    assert (await anon.get(f"/api/chat/{chat_id}/stream")).status_code == 204
     # Reading is open to anyone, writing the answer's stream is not.
     r = await anon.post(stream_url, headers=JSON_CT, content=b'{"type":"text-delta","delta":"forged"}')
     assert r.status_code == 401
 
 
 async def test_chat_answers_are_separate_streams_and_bad_requests_are_refused(anon: httpx.AsyncClient) -> None:
-    first = await anon.post("/api/chat", json={"prompt": "one"})
-    second = await anon.post("/api/chat", json={"prompt": "two"})
+    first = await anon.post("/api/chat", json=chat_body(unique("one"), "one"))
+    second = await anon.post("/api/chat", json=chat_body(unique("two"), "two"))
     assert first.status_code == second.status_code == 201
     assert first.json()["streamUrl"] != second.json()["streamUrl"]
-    assert await read_json_sse(anon, second.json()["streamUrl"]) == expected_chunks("two")
+    assert without_id(await read_json_sse(anon, second.json()["streamUrl"])) == expected_chunks("two")
     assert (await anon.get(f"/api/chat/{unique('unknown')}/stream")).status_code == 204
-    assert (await anon.post("/api/chat", content=b'{"prompt": "x"}', headers=TEXT)).status_code == 415
+    assert (await anon.post("/api/chat", content=b'{"id": "x"}', headers=TEXT)).status_code == 415
     assert (await anon.post("/api/chat", content=b"{nope", headers=JSON_CT)).status_code == 400
-    assert (await anon.post("/api/chat", json={"prompt": " "})).status_code == 400
-    assert (await anon.post("/api/chat", json={"prompt": "x", "id": "../etc"})).status_code == 400
+    assert (await anon.post("/api/chat", json={"id": "x", "messages": []})).status_code == 400
+    assert (await anon.post("/api/chat", json=chat_body("../etc", "x"))).status_code == 400
 
 
 # -- the authorize hook on Django sessions ------------------------------------------------------
@@ -360,7 +378,7 @@ async def test_shutdown_lets_running_generations_finish(redis_url: str, tmp_path
     prompt = "finish this answer even though the server is asked to stop while it is being written"
     with example_server(tmp_path / "server.log", REDIS_URL=redis_url, DURABLE_STREAMS_KEY_PREFIX=prefix) as running:
         async with httpx.AsyncClient(base_url=running.url, timeout=10) as client:
-            r = await client.post("/api/chat", json={"id": "bye", "prompt": prompt})
+            r = await client.post("/api/chat", json=chat_body("bye", prompt))
             assert r.status_code == 201
             stream_url = r.json()["streamUrl"]
             assert (await client.get("/api/chat/bye/stream")).status_code == 200  # still running
@@ -374,7 +392,7 @@ async def test_shutdown_lets_running_generations_finish(redis_url: str, tmp_path
     try:
         path = stream_url.split("/v1/stream", 1)[1]
         messages = [m async for chunk in streams.read(path) for m in chunk.messages]
-        assert messages == expected_chunks(prompt)
+        assert without_id(messages) == expected_chunks(prompt)
         assert (await streams.head(path)).closed
     finally:
         await streams.aclose()
@@ -425,8 +443,6 @@ def example(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 async def test_in_process_routing_root_path_and_lifespan(example: ModuleType) -> None:
-    from chatdemo import views
-
     app = example.application
     sent: list[dict[str, Any]] = []
     inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -452,11 +468,11 @@ async def test_in_process_routing_root_path_and_lifespan(example: ModuleType) ->
         assert r.status_code == 201 and r.headers["location"] == "http://testserver/prefix/v1/stream/inproc"
         assert (await client.get("/prefix/v1/stream/inproc")).content == b"in-process"
         assert (await example.streams.head("/inproc")).tail == len(b"in-process")
-        r = await client.post("/prefix/api/chat", json={"id": "inproc", "prompt": "hi"})
+        r = await client.post("/prefix/api/chat", json=chat_body("inproc", "hi"))
         assert r.status_code == 201
-        assert r.json()["streamUrl"].startswith("http://testserver/prefix/v1/stream/chats/inproc/")
-    generation = views._running["inproc"]
-    assert not generation.done
+        answer_url = r.json()["streamUrl"]
+        assert answer_url.startswith("http://testserver/prefix/v1/stream/chats/inproc/")
+    [generation] = example.streams.generations.tasks()
 
     websocket: list[dict[str, Any]] = []
 
@@ -473,6 +489,7 @@ async def test_in_process_routing_root_path_and_lifespan(example: ModuleType) ->
     await inbox.put({"type": "lifespan.shutdown"})
     await asyncio.wait_for(lifespan, 10)
     assert sent[-1] == {"type": "lifespan.shutdown.complete"}
-    assert generation.done and not generation.task.cancelled()
-    assert generation.task.result().endswith(str(len(expected_chunks("hi"))).zfill(16))
+    assert generation.done() and not generation.cancelled()
+    # Finished, not interrupted: every chunk written (the final offset counts them).
+    assert generation.result().endswith(str(len(expected_chunks("hi"))).zfill(16))
     assert example.streams.generations.running == 0

@@ -1,12 +1,13 @@
 """A FastAPI chat whose answers are durable streams, on any number of workers.
 
-Run from this folder (after building the page once: ``npm ci && npm run build`` in ``web/``):
+Run from this folder (after building the page once: ``npm ci && npm run build`` in
+``../chat_page``):
 
     uvicorn main:app                                   # memory storage, one process
     REDIS_URL=redis://localhost:6379/0 uvicorn main:app --workers 4
 
 - ``/``: the chat page (React, the AI SDK's ``useChat`` with ``createDurableChatTransport`` of
-  ``@durable-streams/aisdk-transport``, bundled from npm by ``web/build.mjs``).
+  ``@durable-streams/aisdk-transport``, bundled from npm by ``../chat_page/build.mjs``).
 - ``/api/chat``: the AI SDK chat (``AISDKChat``): send, reconnect, stop, the conversation.
 - ``/api/tanstack``: the same model as a TanStack AI chat session (``TanStackChat``), for
   ``durableStreamConnection`` of ``@durable-streams/tanstack-ai-transport``.
@@ -44,7 +45,7 @@ from durable_streams_asgi.storage.base import Storage
 from durable_streams_asgi.storage.memory import MemoryStorage
 
 HERE = Path(__file__).resolve().parent
-STATIC = HERE / "static"
+PAGE = HERE.parent / "chat_page"  # the page both examples serve, and its built bundle
 
 
 def make_storage() -> Storage:
@@ -156,8 +157,7 @@ app = FastAPI(lifespan=streams.lifespan)
 app.mount("/v1/stream", streams.app)
 app.router.routes.extend(chat.routes("/api/chat"))
 app.router.routes.extend(tanstack.routes("/api/tanstack"))
-STATIC.mkdir(exist_ok=True)
-app.mount("/static", StaticFiles(directory=STATIC), name="static")
+app.mount("/static", StaticFiles(directory=PAGE / "dist", check_dir=False), name="static")
 
 
 @app.get("/healthz", response_class=PlainTextResponse)
@@ -167,4 +167,4 @@ async def healthz() -> str:
 
 @app.get("/", response_class=HTMLResponse)
 async def page() -> HTMLResponse:
-    return HTMLResponse((HERE / "index.html").read_text(), headers={"Cache-Control": "no-store"})
+    return HTMLResponse((PAGE / "index.html").read_text(), headers={"Cache-Control": "no-store"})

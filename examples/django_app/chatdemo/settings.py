@@ -44,3 +44,5 @@ DEMO_OPEN_WRITES = os.environ.get("DEMO_OPEN_WRITES") == "1"
 # The fake model: seconds between tokens, and how long (sliding, seconds) a chat answer's stream lives.
 CHAT_TOKEN_DELAY = float(os.environ.get("CHAT_TOKEN_DELAY", "0.05"))
 CHAT_STREAM_TTL = int(os.environ.get("CHAT_STREAM_TTL", "3600"))
+# Seconds after which another process ends an answer whose process died (stopped renewing it).
+CHAT_LEASE_TTL = float(os.environ.get("CHAT_LEASE_TTL", "15"))

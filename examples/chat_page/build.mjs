@@ -1,5 +1,5 @@
-// Bundles the chat page (src/main.jsx, React and the AI SDK) into ../static/chat.js, which the
-// FastAPI example serves at /static/chat.js. Run with `npm run build` after `npm ci`.
+// Bundles the chat page (src/main.jsx, React and the AI SDK) into dist/chat.js, which both
+// examples (FastAPI and Django) serve at /static/chat.js. Run with `npm run build` after `npm ci`.
 import * as esbuild from "esbuild";
 import { fileURLToPath } from "node:url";
 
@@ -7,7 +7,7 @@ const here = (path) => fileURLToPath(new URL(path, import.meta.url));
 
 await esbuild.build({
   entryPoints: [here("./src/main.jsx")],
-  outfile: here("../static/chat.js"),
+  outfile: here("./dist/chat.js"),
   bundle: true,
   format: "esm", // loaded with <script type="module">
   jsx: "automatic", // React 17+ JSX runtime: no `import React` in every file
