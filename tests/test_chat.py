@@ -167,11 +167,17 @@ async def test_any_worker_reconnects_and_a_reload_gets_the_conversation(workers:
     reconnect = await two.http.get("/api/chat/c2/stream")
     assert reconnect.status_code == 200 and reconnect.headers["location"] == url == reconnect.json()["streamUrl"]
     state = (await two.http.get("/api/chat/c2/messages")).json()
-    assert state == {"messages": [user("first", "u1")], "active": url}
+    assert {k: state[k] for k in ("messages", "active")} == {"messages": [user("first", "u1")], "active": url}
+    assert state["history"] == "http://t/v1/stream/chats/c2/history"
+    # Following the history from the offset given: the next record is this answer's.
+    follow = asyncio.ensure_future(
+        two.http.get(state["history"], params={"offset": state["offset"], "live": "long-poll"})
+    )
     assert (await two.send("c2", [user("first", "u1")])).status_code == 409  # one answer at a time
     gate.release()
     chunks = await two.chunks(url)
     await one.streams.generations.shutdown()  # let the finished generation record its answer
+    assert (await follow).json()[0]["answer"] == url.split("/v1/stream")[1]
     assert (await two.http.get("/api/chat/c2/stream")).status_code == 204
     state = (await two.http.get("/api/chat/c2/messages")).json()
     assert state["active"] is None
@@ -353,7 +359,8 @@ async def test_bad_requests_get_a_clear_4xx_and_change_nothing(
     response = await worker.http.post("/api/chat", content=body, headers=headers)
     assert response.status_code == status
     assert set(response.json()) == {"error"} and "Traceback" not in response.text
-    assert (await worker.http.get("/api/chat/ok/messages")).json() == {"messages": [], "active": None}
+    state = (await worker.http.get("/api/chat/ok/messages")).json()
+    assert (state["messages"], state["active"]) == ([], None)
     assert (await worker.http.get("/api/chat/not%20ok/stream")).status_code == 400
     assert (await worker.http.post("/api/ts/ok", content=body, headers=headers)).status_code in (status, 400)
 

@@ -16,8 +16,9 @@ Routes, below the transport's ``api`` URL (``chat.routes(api)`` for Starlette an
 - ``POST {api}/{chat_id}/stop``: ends the running answer, from any process: its stream gets an
   ``abort`` chunk and is closed, and the model is stopped at its next chunk.
 - ``GET {api}/{chat_id}/messages``: the conversation for a page that (re)loads: ``{"messages": [...],
-  "active": <stream URL or null>}``; resume ``active`` (useChat's ``resume``) for the answer
-  still being written.
+  "active": <stream URL or null>, "history": <stream URL>, "offset": ...}``; resume ``active``
+  (useChat's ``resume``) for the answer still being written, and follow ``history`` live from
+  ``offset`` to learn when the conversation changes (another tab sent a message).
 
 Each answer's stream lives at ``<path_prefix>/<chat id>/<generation id>``; the conversation is a
 JSON stream at ``<path_prefix>/<chat id>/history`` (see :mod:`.uimessages`). A process that dies
@@ -27,6 +28,7 @@ mid-answer has its answer ended by another (``error`` chunk and close) within ab
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -37,7 +39,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from ..generation import Generation, WriteOptions, generation_response, reconnect_response
+from ..generation import Generation, WriteOptions, append_with_retry, generation_response, reconnect_response
 from ..jsonmode import encode_message
 from ..storage.base import AppendRequest, Lease, Producer, StaleEpoch, StreamClosed, StreamNotFound
 from ..streams import DurableStreams
@@ -54,7 +56,7 @@ from .http import (
     stream_url,
 )
 from .runtime import PRODUCER_ID, ChatRuntime, Running
-from .uimessages import History, MessageBuilder
+from .uimessages import History, build_message
 
 TRIGGERS = ("submit-message", "regenerate-message")
 
@@ -162,25 +164,29 @@ class AISDKChat:
             async for chunk in self.streams.read(self.history_path(chat_id)):
                 for record in chunk.messages:
                     history.apply(record)
+                history.offset = chunk.offset
         except StreamNotFound:
             pass
         return history
 
-    async def _record(self, chat_id: str, record: dict[str, Any]) -> None:
+    async def _ensure_history(self, chat_id: str) -> str:
         path = self.history_path(chat_id)
         await self.streams.create(path, content_type="application/json", ttl=self.ttl)
-        await self.streams.append_json(path, record)
+        return path
 
-    async def _answer_of(self, running: Running) -> dict[str, Any]:
-        """The assistant message of a generation, folded from its stream (the truth, whoever wrote it)."""
-        builder = MessageBuilder(running.details.get("message_id", ""))
+    async def _record(self, chat_id: str, record: dict[str, Any]) -> None:
+        await self.streams.append_json(await self._ensure_history(chat_id), record)
+
+    async def _chunks_of(self, path: str) -> list[Any]:
+        """What an answer's stream holds (the truth, whoever wrote it)."""
         try:
-            async for chunk in self.streams.read(running.path):
-                for item in chunk.messages:
-                    builder.add(item)
+            return [item async for chunk in self.streams.read(path) for item in chunk.messages]
         except StreamNotFound:
-            pass
-        return builder.done()
+            return []
+
+    async def _answer_of(self, running: Running, chunks: list[Any] | None = None) -> dict[str, Any]:
+        """The assistant message of a generation, folded from its stream."""
+        return build_message(running.details.get("message_id", ""), chunks or await self._chunks_of(running.path))
 
     # -- routes ----------------------------------------------------------------------------------
 
@@ -223,15 +229,24 @@ class AISDKChat:
         try:
             await self._record(chat_id, {"turn": path, "keep": keep, "messages": messages[keep:]})
             turn = ChatTurn(chat_id, messages, trigger, message_id, body or {}, request)
+            # The stream is closed after the answer is in the history (not with the last chunk):
+            # a reader that sees the end and asks for the conversation finds the answer there.
             options = WriteOptions(
-                content_type="application/json", producer_id=PRODUCER_ID, epoch=lease.fence, retry_for=self.retry_for
+                content_type="application/json",
+                producer_id=PRODUCER_ID,
+                epoch=lease.fence,
+                retry_for=self.retry_for,
+                close=False,
             )
 
             async def finalize(generation: Generation) -> None:
-                if generation.outcome != "stopped":  # a stop records the answer itself
-                    running = Running(lease, path, details)
-                    await self._record(chat_id, {"answer": path, "message": await self._answer_of(running)})
-                await self.runtime.end(lease)
+                try:
+                    if generation.outcome != "stopped":  # a stop records the answer and closes
+                        running = Running(lease, path, details)
+                        await self._record(chat_id, {"answer": path, "message": await self._answer_of(running)})
+                        await self._close(path)
+                finally:
+                    await self.runtime.end(lease)
 
             generation = await self.streams.start_generation(
                 path, self._chunks(turn), options=options, ttl=self.ttl, finalize=finalize
@@ -268,11 +283,23 @@ class AISDKChat:
         # The lease first, then the history: an answer that ends in between is in the history,
         # and is then not reported as active.
         running = await self.runtime.running(self._key(chat_id))
+        history_path = await self._ensure_history(chat_id)
         history = await self.history(chat_id)
         active = None
         if running is not None and not (history.turn == running.path and history.answered):
             active = stream_url(self.streams, request, running.path)
-        return no_store(JSONResponse({"messages": history.messages, "active": active}))
+        return no_store(
+            JSONResponse(
+                {
+                    "messages": history.messages,
+                    "active": active,
+                    # Follow this stream from this offset (live) to learn when the conversation
+                    # changes: another tab sent a message, an answer ended.
+                    "history": stream_url(self.streams, request, history_path),
+                    "offset": history.offset,
+                }
+            )
+        )
 
     async def stop(self, request: Request) -> Response:
         chat_id = chat_id_of(request.path_params["chat_id"])
@@ -294,15 +321,23 @@ class AISDKChat:
         await self._end(lease, {"type": "error", "errorText": "the server writing this answer stopped"})
 
     async def _end(self, lease: Lease, record: dict[str, Any]) -> None:
-        """End a generation we took the lease of: ``record`` and a close, written with the new
-        fence (fencing off the old writer), then its answer into the history."""
+        """End a generation we took the lease of: ``record`` written with the new fence (fencing
+        off the old writer), its answer into the history, then the close. An answer whose writer
+        died after its last chunk (``finish``) but before the close gets no record, only the close."""
         running = Running.of(lease)
-        request = AppendRequest(
-            "application/json", [encode_message(record)], close=True, producer=Producer(PRODUCER_ID, lease.fence, 0)
-        )
-        try:
-            await self.streams.storage.append(running.path, request)
-        except (StreamClosed, StaleEpoch, StreamNotFound):
-            pass  # it ended by itself meanwhile (or expired); its writer recorded the answer
+        chunks = await self._chunks_of(running.path)
+        if not (chunks and isinstance(chunks[-1], dict) and chunks[-1].get("type") in ("finish", "abort", "error")):
+            producer = Producer(PRODUCER_ID, lease.fence, 0)
+            request = AppendRequest("application/json", [encode_message(record)], producer=producer)
+            try:
+                await append_with_retry(self.streams.storage, running.path, request, self.retry_for)
+            except (StreamClosed, StaleEpoch, StreamNotFound):
+                return  # it ended by itself meanwhile (or expired, or a later stop took over)
+            chunks.append(record)
         chat_id = running.path[len(self.path_prefix) + 1 :].split("/", 1)[0]
-        await self._record(chat_id, {"answer": running.path, "message": await self._answer_of(running)})
+        await self._record(chat_id, {"answer": running.path, "message": await self._answer_of(running, chunks)})
+        await self._close(running.path)
+
+    async def _close(self, path: str) -> None:
+        with contextlib.suppress(StreamNotFound):  # expired meanwhile: nothing to close
+            await append_with_retry(self.streams.storage, path, AppendRequest(None, [], close=True), self.retry_for)

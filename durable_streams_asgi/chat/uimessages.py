@@ -126,6 +126,8 @@ class History:
         #: The generation of the latest turn, and whether its answer is in ``messages``.
         self.turn: str | None = None
         self.answered = False
+        #: Where the history stream was read up to: follow it from here to learn of changes.
+        self.offset = "-1"
 
     def apply(self, record: Any) -> None:
         if not isinstance(record, dict):

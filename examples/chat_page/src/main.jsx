@@ -1,17 +1,19 @@
-// The FastAPI example's chat page: useChat of the AI SDK over createDurableChatTransport.
+// The examples' chat page: useChat of the AI SDK over createDurableChatTransport.
 //
 // The server writes every answer into a durable stream and keeps the conversation, so this page
 // holds no state of its own: it shows what GET /api/chat/{id}/messages says and follows the
 // answer being written, if any. A reload, a second tab or another device on the same URL shows
-// the same chat, each message once.
+// the same chat, each message once. The page learns that another tab moved the chat on by
+// following the conversation's history stream live (SSE), not by polling.
 import { useChat } from "@ai-sdk/react";
 import { createDurableChatTransport } from "@durable-streams/aisdk-transport";
+import { stream } from "@durable-streams/client";
 import { useEffect, useMemo, useRef, useState } from "react";
 import { createRoot } from "react-dom/client";
 
 const API = "/api/chat";
-// How often an idle page asks the server whether another tab or device moved the chat on.
-const POLL_MS = 1000;
+// How long to wait before following the history again after the connection failed.
+const RETRY_MS = 1000;
 // How long Stop waits for the server's end of the answer before it cuts the stream itself.
 const STOP_GRACE_MS = 2000;
 
@@ -36,7 +38,8 @@ function newId() {
 
 const chatUrl = (chatId, what) => `${API}/${encodeURIComponent(chatId)}/${what}`;
 
-// {messages: the conversation so far, active: the stream URL of the answer being written or null}
+// {messages: the conversation so far, active: the stream URL of the answer being written or null,
+//  history: the conversation's own stream, offset: where that view of it ends}
 async function fetchConversation(chatId) {
   const response = await fetch(chatUrl(chatId, "messages"), { cache: "no-store" });
   if (!response.ok) throw new Error(`could not load the chat (HTTP ${response.status})`);
@@ -110,26 +113,75 @@ function Chat({ chatId, initial }) {
     }
   }
 
-  function guarded(work) {
-    if (following.current) return;
+  // The server's view changed (a history record arrived): look again, once nothing else is
+  // going on. While this tab sends or answers, useChat holds the newest state itself: the look
+  // waits until it is done, and one look covers every record that arrived meanwhile.
+  const dirty = useRef(false);
+  const busy = useRef(false);
+  busy.current = status === "submitted" || status === "streaming";
+  function look() {
+    if (!dirty.current || busy.current || following.current) return;
+    dirty.current = false;
     following.current = true;
     const seen = epoch.current;
-    work(seen)
-      .catch(() => {}) // offline or the server is restarting: the next poll tries again
+    fetchConversation(chatId)
+      .then((conversation) => follow(conversation, seen))
+      .catch(() => {
+        dirty.current = true; // offline or the server is restarting: the next record tries again
+      })
       .finally(() => {
         following.current = false;
+        look();
       });
   }
 
   // On load: the messages came with the page's first request; follow the answer being written.
-  useEffect(() => guarded((seen) => follow(initial, seen)), []);
-
-  // While idle, ask the server now and then: another tab or device may have sent a message.
   useEffect(() => {
-    if (status === "submitted" || status === "streaming") return undefined;
-    const timer = setInterval(() => guarded(async (seen) => follow(await fetchConversation(chatId), seen)), POLL_MS);
-    return () => clearInterval(timer);
-  }, [status, chatId]);
+    following.current = true;
+    follow(initial, epoch.current)
+      .catch(() => {})
+      .finally(() => {
+        following.current = false;
+        look();
+      });
+  }, []);
+
+  // Follow the conversation's history stream from where the page's view of it ends: every record
+  // (a turn sent from anywhere, an answer that ended) makes the page look again.
+  useEffect(() => {
+    const controller = new AbortController();
+    let offset = initial.offset;
+    (async () => {
+      while (!controller.signal.aborted) {
+        try {
+          const response = await stream({
+            url: initial.history,
+            offset,
+            live: "sse",
+            json: true,
+            signal: controller.signal,
+          });
+          response.subscribeJson((batch) => {
+            offset = batch.offset;
+            if (batch.items.length > 0) {
+              dirty.current = true;
+              look();
+            }
+          });
+          await response.closed;
+        } catch {
+          // the connection failed (or was aborted): follow again from the last offset
+        }
+        if (!controller.signal.aborted) await sleep(RETRY_MS);
+      }
+    })();
+    return () => controller.abort();
+  }, [chatId]);
+
+  // Back to idle: look at what arrived while this tab was busy.
+  useEffect(() => {
+    if (!busy.current) look();
+  }, [status]);
 
   // Resolves the promise Stop waits on when the answer has ended.
   const ended = useRef(null);
