@@ -202,7 +202,10 @@ def fork_source_path(value: str, root_path: str) -> str:
     """
     value = value.strip()
     if "://" in value:
-        value = urlsplit(value).path
+        try:
+            value = urlsplit(value).path
+        except ValueError as exc:  # an invalid host such as http://[x]/ or http://[::1/
+            raise bad_request("Stream-Forked-From: not a valid URL") from exc
     value = unquote(value)
     if root_path and (value == root_path or value.startswith(root_path + "/")):
         value = value[len(root_path) :]

@@ -120,6 +120,8 @@ async def test_json_mode(client: httpx.AsyncClient) -> None:
         ("PUT", "/a%00b", TEXT, b"", 400),
         ("PUT", "/" + "x" * 1100, TEXT, b"", 414),
         ("PUT", "/n", {**TEXT, "Stream-Fork-Offset": "0000000000000000_0000000000000000"}, b"", 400),
+        ("PUT", "/n", {**TEXT, "Stream-Forked-From": "http://[x]/v1/stream/s"}, b"", 400),  # urlsplit raises
+        ("PUT", "/n", {**TEXT, "Stream-Forked-From": "http://[::1/v1/stream/s"}, b"", 400),
         ("GET", "/s?offset=abc", {}, b"", 400),
         ("GET", "/s?offset=", {}, b"", 400),
         ("GET", "/s?offset=-1&offset=now", {}, b"", 400),
