@@ -38,7 +38,7 @@ logger = logging.getLogger("durable_streams_asgi")
 class _Request:
     """What a handler needs of one request, decoded once."""
 
-    __slots__ = ("_query", "_repeated", "headers", "method", "path", "receive", "scope")
+    __slots__ = ("_query", "_repeated", "close_unconfirmed", "headers", "method", "path", "receive", "scope")
 
     def __init__(self, scope: Scope, receive: Receive, path: str) -> None:
         self.scope = scope
@@ -49,6 +49,8 @@ class _Request:
         self.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         self._query: dict[str, str] | None = None
         self._repeated: set[str] = set()
+        #: Authorized as a close-only POST before its body was read (see _authorize).
+        self.close_unconfirmed = False
 
     @property
     def query(self) -> dict[str, str]:
@@ -205,13 +207,23 @@ class DurableStreamsASGI(ReadHandlers):
         elif method == "DELETE":
             action = "delete"
         else:
-            bodiless = h.get("content-length", "0").strip() == "0" and "transfer-encoding" not in h
-            action = "close" if protocol.parse_closed(h.get("stream-closed")) and bodiless else "append"
+            # A close-only POST has no body. Only Content-Length: 0 promises that; without a length
+            # (chunked, HTTP/2) the request is taken for a close here, and if a body does come,
+            # _post asks again, for "append", before anything is written.
+            length = h.get("content-length", "").strip()
+            if protocol.parse_closed(h.get("stream-closed")) and length in ("", "0"):
+                action = "close"
+                request.close_unconfirmed = length == ""
+            else:
+                action = "append"
         checks = [(action, request.path)]
         if method == "PUT" and "stream-forked-from" in h:
             # Forking reads the source: the caller must be allowed to read it.
             source = protocol.fork_source_path(h["stream-forked-from"], request.scope.get("root_path", ""))
             checks.append(("read", source))
+        await self._ask(request, checks)
+
+    async def _ask(self, request: _Request, checks: list[tuple[str, str]]) -> None:
         hook = self.options.authorize
         assert hook is not None
         starlette_request = Request(request.scope)  # no receive: the hook cannot consume the body
@@ -311,6 +323,9 @@ class DurableStreamsASGI(ReadHandlers):
         seq = protocol.parse_stream_seq(h.get("stream-seq"))
         content_type = h.get("content-type", "").strip() or None
         body = await request.body(self.options.max_body_size)
+        if body and request.close_unconfirmed:
+            # Authorized as a close, but it carries data: that is an append.
+            await self._ask(request, [("append", request.path)])
         items: list[bytes] = []
         if body:
             if content_type is None:

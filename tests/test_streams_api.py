@@ -239,3 +239,32 @@ async def test_the_stream_exists_as_soon_as_start_generation_returns(streams: Du
     info = await streams.head("/early")  # a client given the URL reads at once: never a 404
     assert not info.closed and not generation.done
     await generation.wait()
+
+
+async def test_authorize_decides_on_what_a_post_does_not_on_its_headers(storage: Storage) -> None:
+    """A close with a body of unknown length (chunked; HTTP/2 sends no Content-Length either) is
+    authorized as a close before its body is read; once data arrives it is an append and is asked
+    for again: a caller allowed to close but not to append writes nothing."""
+    calls: list[str] = []
+
+    def authorize(request: Request, action: str, path: str) -> bool:
+        calls.append(action)
+        return action in ("read", "close")
+
+    streams = DurableStreams(storage, authorize=authorize)
+    await streams.create("/c", content_type="text/plain", data="kept")
+
+    async def chunked(data: bytes) -> AsyncIterator[bytes]:
+        if data:
+            yield data
+
+    closing = {"Content-Type": "text/plain", "Stream-Closed": "true"}
+    async with client_for(streams) as c:
+        r = await c.post("/c", headers=closing, content=chunked(b"smuggled"))
+        assert r.status_code == 403 and calls == ["close", "append"]
+        info = await streams.head("/c")
+        assert info.tail == 4 and not info.closed
+        # A close of unknown length that turns out empty is a close, and needs no more.
+        calls.clear()
+        assert (await c.post("/c", headers=closing, content=chunked(b""))).status_code == 204
+        assert calls == ["close"] and (await streams.head("/c")).closed
