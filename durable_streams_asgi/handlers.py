@@ -134,6 +134,9 @@ class DurableStreamsASGI(ReadHandlers):
         self._security: Headers = [
             (b"x-content-type-options", b"nosniff"),
             (b"cross-origin-resource-policy", b"cross-origin"),
+            # A stream is data, never a page of the host's origin: a stream created as text/html
+            # holding a script is shown (if at all) sandboxed, with nothing allowed to run or load.
+            (b"content-security-policy", b"sandbox; default-src 'none'"),
         ]
         origins = options.cors_origins
         self._any_origin = origins == "*" or (not isinstance(origins, str) and "*" in origins)

@@ -265,3 +265,33 @@ def test_chat_survives_reloads_second_tabs_and_stop(example_url: str) -> None:
             assert errors == []
         finally:
             browser.close()
+
+
+def test_stored_html_never_runs_in_the_servers_origin(tmp_path: Path) -> None:
+    """Anyone who may write a stream may store a page with a script; opened in a browser from the
+    server's origin (a link to the stream), it must not run there (stored XSS)."""
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["durable_streams_asgi.cli", "serve", "--port", str(port), "--log-level", "warning"]
+    server = spawn(args, tmp_path / "server.log", f"{url}/healthz", cwd=ROOT)
+    try:
+        page_html = (
+            b"<html><body><h1 id=t>stored</h1><script>document.title='ran';window.ran=true</script></body></html>"
+        )
+        created = httpx.put(f"{url}/v1/stream/xss", headers={"Content-Type": "text/html"}, content=page_html)
+        assert created.status_code == 201
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS, chromium_sandbox=False)
+            try:
+                page = browser.new_page()
+                page.goto(f"{url}/v1/stream/xss?offset=-1")
+                assert page.text_content("#t") == "stored"  # it is shown...
+                assert page.title() != "ran" and page.evaluate("window.ran") is None  # ...but nothing ran
+                # Sandboxed: the page is an opaque origin, with no access to the server's storage.
+                assert page.evaluate("self.origin") == "null"
+            finally:
+                browser.close()
+    finally:
+        stop(server)

@@ -222,6 +222,7 @@ async def test_security_and_cors_headers_everywhere(client: httpx.AsyncClient) -
     ):
         assert r.headers["x-content-type-options"] == "nosniff"
         assert r.headers["cross-origin-resource-policy"] == "cross-origin"
+        assert r.headers["content-security-policy"] == "sandbox; default-src 'none'"
         assert r.headers["access-control-allow-origin"] == "*"
         assert "stream-next-offset" in r.headers["access-control-expose-headers"].lower()
 
