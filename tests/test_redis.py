@@ -507,3 +507,42 @@ async def test_out_of_memory_is_503_not_500(tmp_path: Path) -> None:
         finally:
             await admin.aclose()
             await storage.aclose()
+
+
+async def test_a_call_begun_before_a_moment_never_answers_for_after_it(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """watch() subscribes, takes a moment, then checks for data with a head; readers share heads
+    already under way, but never one begun before their moment, which may predate a write that
+    no notification reported. Moments are a counter: with a clock they tied (uvloop's
+    loop.time() has a 1 ms resolution), and a head begun just before passed for a later one."""
+    storage = RedisStorage.from_url(redis_url, key_prefix=unique_prefix())
+    loop = asyncio.get_running_loop()
+    release = asyncio.Event()
+
+    async def early() -> str:
+        await release.wait()
+        return "snapshot from before"
+
+    async def fresh() -> str:
+        return "snapshot from after"
+
+    try:
+        monkeypatch.setattr(loop, "time", lambda: 1000.0)  # every clock reading ties
+        first = asyncio.ensure_future(storage._shared(("head", "/s"), early))
+        await asyncio.sleep(0)  # under way
+        moment = storage._moment()
+        second = asyncio.ensure_future(storage._shared(("head", "/s"), fresh, since=moment))
+        for _ in range(20):  # a few loop turns: a fresh call is answered, a joined one waits on
+            await asyncio.sleep(0)
+        assert second.done(), "joined a call begun before its moment"
+        assert second.result() == "snapshot from after"
+        joined = asyncio.ensure_future(storage._shared(("head", "/s"), fresh))  # no moment: may join
+        monkeypatch.undo()
+        release.set()
+        assert await first == "snapshot from before"
+        assert await joined in ("snapshot from before", "snapshot from after")
+        assert storage._moment() > moment
+    finally:
+        monkeypatch.undo()
+        await storage.aclose()

@@ -128,7 +128,10 @@ class RedisStorage(ForkReferences):
         self._nonces = itertools.count()
         self._notifier: Notifier | None = None
         self._sweeper: asyncio.Task[None] | None = None
-        self._inflight: dict[tuple[Any, ...], tuple[asyncio.Future[Any], float]] = {}
+        self._inflight: dict[tuple[Any, ...], tuple[asyncio.Future[Any], int]] = {}
+        # Orders shared calls against moments (a subscription confirmed): a counter, since clock
+        # readings can tie (uvloop's loop.time() has a 1 ms resolution).
+        self._order = itertools.count(1)
         self.sweep_interval = 5.0
 
     @classmethod
@@ -329,14 +332,18 @@ class RedisStorage(ForkReferences):
         # could have got on its own).
         return await self._shared(("read", path, start, max_bytes), self._read, path, start, max_bytes)
 
-    async def _shared(self, key: tuple[Any, ...], fn: Any, *args: Any, since: float = 0.0) -> Any:
-        """Run ``fn(*args)``, or join an identical call already under way that started at or after
-        ``since`` (loop time): a caller that needs state newer than some moment must not get an
-        answer read before it."""
+    def _moment(self) -> int:
+        """A point in this storage's order of shared calls (see :meth:`_shared`)."""
+        return next(self._order)
+
+    async def _shared(self, key: tuple[Any, ...], fn: Any, *args: Any, since: int = 0) -> Any:
+        """Run ``fn(*args)``, or join an identical call already under way that started after the
+        moment ``since`` (from :meth:`_moment`): a caller that needs state newer than some moment
+        must not get an answer read before it."""
         entry = self._inflight.get(key)
         if entry is None or entry[1] < since:
             task = asyncio.ensure_future(fn(*args))
-            entry = (task, asyncio.get_running_loop().time())
+            entry = (task, self._moment())
             self._inflight[key] = entry
 
             def forget(_: Any, key: tuple[Any, ...] = key, entry: Any = entry) -> None:
@@ -473,7 +480,7 @@ class RedisStorage(ForkReferences):
         # Subscribed and confirmed: from here on, any change resolves ``future``. Then the final
         # "is there new data?" check, so that no write slips between it and the wait. Waiters
         # subscribed together share it, but only one begun after this point.
-        confirmed = asyncio.get_running_loop().time()
+        confirmed = self._moment()
         future = ch.future
         try:
             try:
