@@ -21,6 +21,21 @@ def uses_base64(content_type: str) -> bool:
     return not (media.startswith("text/") or media == "application/json")
 
 
+def whole_characters(data: bytes) -> int:
+    """How many leading bytes of UTF-8 ``data`` end on a character boundary: all of them, less a
+    character that an append split and the next append completes (invalid bytes count as whole,
+    and are shown as U+FFFD)."""
+    end = len(data)
+    lead = end - 1
+    while lead >= 0 and end - lead <= 4 and data[lead] & 0xC0 == 0x80:
+        lead -= 1  # continuation bytes: find the byte that starts their character
+    if lead < 0 or end - lead > 4:
+        return end
+    first = data[lead]
+    needed = 2 if first & 0xE0 == 0xC0 else 3 if first & 0xF0 == 0xE0 else 4 if first & 0xF8 == 0xF0 else 1
+    return lead if end - lead < needed else end
+
+
 def data_event(payload: bytes, *, base64_encode: bool) -> bytes:
     """One ``event: data`` block. ``payload`` is the raw bytes (or the JSON array text)."""
     if base64_encode:

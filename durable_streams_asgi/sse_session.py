@@ -23,6 +23,7 @@ import logging
 import math
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from starlette.types import Receive, Send
@@ -272,13 +273,16 @@ class SSESession:
                 result = await self.storage.read(self.path, self.position, options.max_read_bytes)
                 if self.done:
                     return
-            chunk = self._events(result)
+            shown = self._whole(result)
+            chunk = self._events(shown)
             if chunk:
                 await self._write(chunk)
             if result.at_end:
                 await self._end()
                 return
-            self.position = result.next
+            # Resume after what was sent; wait for data past what was read (a split character's
+            # first bytes are read again with the rest, once that is there).
+            self.position, seen = shown.next, result.next
             caught_up = result.up_to_date
             result = None
             if not caught_up:
@@ -286,11 +290,24 @@ class SSESession:
                     await self._end()
                     return
                 continue
-            watch = await self.storage.watch(self.path, self.position)
+            watch = await self.storage.watch(self.path, seen)
             if self.done or watch.future.done():
                 watch.close()  # gone, or changed already: read again (at the top)
                 continue
             self._park(watch)
+
+    def _whole(self, result: ReadResult) -> ReadResult:
+        """For a text stream, the read less a character split across appends: an SSE data event
+        is text, and half a character would reach the client as U+FFFD (a catch-up read, being
+        bytes, has no such problem). The control event's offset then matches what was sent. At
+        the end of a closed stream everything goes out."""
+        if self.encode or result.info.is_json or not result.items or result.at_end:
+            return result
+        payload = result.items[0] if len(result.items) == 1 else b"".join(result.items)
+        keep = sse.whole_characters(payload)
+        if keep == len(payload):
+            return result
+        return replace(result, next=result.start + keep, items=[payload[:keep]] if keep else [])
 
     def _events(self, result: ReadResult) -> bytes:
         # A control event follows every data event, in the same write so that no reader ever

@@ -557,3 +557,25 @@ def test_query_parsing_matches_the_standard_library(query: str) -> None:
 
     request = _Request({"method": "GET", "headers": [], "query_string": query.encode()}, None, "/")  # type: ignore[arg-type]
     assert request.query == dict(parse_qsl(query, keep_blank_values=True))
+
+
+async def test_sse_never_splits_a_character_across_appends(live_client: httpx.AsyncClient) -> None:
+    """A UTF-8 character split across two appends reaches an SSE reader of a text stream whole,
+    once, and each control event's offset counts exactly the bytes delivered before it."""
+    await live_client.put("/u", headers=TEXT, content=b"a" + "é".encode()[:1])
+    events: list[tuple[str, str]] = []
+    async with live_client.stream("GET", "/u", params={"offset": "-1", "live": "sse"}) as response:
+        async for event, data in sse_events(response):
+            events.append((event, data))
+            if event == "control" and len(events) == 2:
+                # The reader has "a" (the half character is held back): now the other half.
+                await live_client.post("/u", headers={**TEXT, "Stream-Closed": "true"}, content="é".encode()[1:] + b"!")
+    texts = [data for event, data in events if event == "data"]
+    controls = [json.loads(data) for event, data in events if event == "control"]
+    assert texts == ["a", "é!"] and "\ufffd" not in "".join(texts)
+    # Offsets: after "a" (1 byte), then after everything (4 bytes); a catch-up read agrees.
+    first = await live_client.get("/u", params={"offset": "-1"})
+    assert first.content == "aé!".encode()
+    after_a = await live_client.get("/u", params={"offset": controls[0]["streamNextOffset"]})
+    assert after_a.content == "é!".encode()
+    assert controls[-1]["streamClosed"] and controls[-1]["streamNextOffset"] == first.headers["stream-next-offset"]

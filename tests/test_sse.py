@@ -3,6 +3,8 @@ from __future__ import annotations
 import base64
 import json
 
+import pytest
+
 from durable_streams_asgi import sse
 
 
@@ -64,3 +66,22 @@ def test_control_event_fields() -> None:
     _, data = parse(sse.control_event("0000000000000009", cursor="42", up_to_date=True, closed=True))
     # Closed: no cursor (clients must not reconnect), and closed implies up to date.
     assert json.loads(data) == {"streamNextOffset": "0000000000000009", "streamClosed": True, "upToDate": True}
+
+
+@pytest.mark.parametrize(
+    ("data", "whole"),
+    [
+        (b"", 0),
+        (b"abc", 3),
+        ("é".encode(), 2),
+        ("é".encode()[:1], 0),
+        (b"ab" + "€".encode()[:2], 2),
+        (b"ab" + "€".encode()[:1], 2),
+        ("a😀".encode()[:4], 1),
+        ("a😀".encode(), 5),
+        (b"\x80\x80\x80\x80\x80", 5),  # not UTF-8 at all: left to the replacement character
+        (b"a\xff", 2),
+    ],
+)
+def test_whole_characters_stops_before_a_split_character(data: bytes, whole: int) -> None:
+    assert sse.whole_characters(data) == whole
