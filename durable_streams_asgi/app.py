@@ -89,6 +89,7 @@ def durable_streams_app(
     sse_max_duration: float = 60.0,
     max_body_size: int = 16 * 1024 * 1024,
     max_read_bytes: int = 4 * 1024 * 1024,
+    max_messages: int = 10_000,
     cors_origins: str | Sequence[str] = "*",
     cache_visibility: Literal["public", "private"] = "public",
     authorize: Authorize | None = None,
@@ -99,11 +100,15 @@ def durable_streams_app(
     long-poll waits for data (seconds); ``sse_max_duration`` how long an SSE connection lives
     before the server closes it so clients reconnect; ``max_body_size`` the largest append or
     create body (413 past it); ``max_read_bytes`` roughly how much one catch-up response holds;
+    ``max_messages`` the most JSON messages one create or append holds (413 past it: each is a
+    stream entry written by one atomic script, so this bounds how long one request holds Redis);
     ``cors_origins`` ``"*"`` or a list of allowed origins; ``cache_visibility`` whether catch-up
     reads are ``public`` or ``private`` in ``Cache-Control``; ``authorize`` a hook
     ``(request, action, path)`` that lets the host application allow or refuse each request
     (see :data:`Authorize`).
     """
+    if max_messages < 1:
+        raise ValueError("max_messages must be at least 1")
     if cache_visibility not in ("public", "private"):
         raise ValueError("cache_visibility must be 'public' or 'private'")
     options = Options(
@@ -111,6 +116,7 @@ def durable_streams_app(
         sse_max_duration=sse_max_duration,
         max_body_size=max_body_size,
         max_read_bytes=max_read_bytes,
+        max_messages=max_messages,
         cors_origins=cors_origins,
         cache_visibility=cache_visibility,
         authorize=authorize,

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from . import offsets, protocol
-from .jsonmode import InvalidJSON, split_messages
+from .jsonmode import InvalidJSON, TooManyMessages, split_messages
 from .options import ALLOWED_HEADERS, ALLOWED_METHODS, EXPOSED_HEADERS, AccessDenied, Options
 from .protocol import Headers, ProtocolError
 from .protocol import header as _h
@@ -308,13 +308,14 @@ class DurableStreamsASGI(ReadHandlers):
             content_type = (await self.storage.head(config.fork_from)).content_type
         return self._items(content_type, body)
 
-    @staticmethod
-    def _items(content_type: str | None, body: bytes) -> list[bytes]:
+    def _items(self, content_type: str | None, body: bytes) -> list[bytes]:
         if is_json_content_type(content_type):
             try:
-                return split_messages(body)
+                return split_messages(body, self.options.max_messages)
             except InvalidJSON as exc:
                 raise protocol.bad_request(str(exc)) from exc
+            except TooManyMessages as exc:
+                raise ProtocolError(413, f"{exc}: send them in several appends") from exc
         return [body]
 
     # -- POST: append / close ------------------------------------------------------------------

@@ -14,6 +14,11 @@ class InvalidJSON(ValueError):
     """The body is not one valid JSON text."""
 
 
+class TooManyMessages(ValueError):
+    """The body holds more messages than the caller allows (found while parsing: the rest of the
+    body is never decoded, so a huge array costs no more memory than the limit)."""
+
+
 def _reject_constant(name: str) -> object:
     # NaN and Infinity are JavaScript, not JSON (RFC 8259); Python accepts them by default.
     raise InvalidJSON(f"{name} is not valid JSON")
@@ -29,11 +34,11 @@ def _skip(text: str, index: int) -> int:
     return index
 
 
-def split_messages(body: bytes) -> list[bytes]:
+def split_messages(body: bytes, limit: int | None = None) -> list[bytes]:
     """The messages a body holds: a top-level array is flattened one level.
 
     ``[]`` gives no messages (the caller decides whether that is allowed).
-    Raises :class:`InvalidJSON`.
+    Raises :class:`InvalidJSON`, and :class:`TooManyMessages` past ``limit`` messages.
     """
     try:
         text = body.decode("utf-8")
@@ -58,6 +63,8 @@ def split_messages(body: bytes) -> list[bytes]:
             while True:
                 _, end = _decoder.raw_decode(text, index)
                 messages.append(text[index:end].encode("utf-8"))
+                if limit is not None and len(messages) > limit:
+                    raise TooManyMessages(f"more than {limit} JSON messages in one request")
                 index = _skip(text, end)
                 if index >= len(text):
                     raise InvalidJSON("unterminated array")

@@ -46,6 +46,7 @@ class Options:
     sse_keepalive: float = 15.0
     max_body_size: int = 16 * 1024 * 1024
     max_read_bytes: int = 4 * 1024 * 1024
+    max_messages: int = 10_000
     cors_origins: str | Sequence[str] = "*"
     cache_visibility: Literal["public", "private"] = "public"
     authorize: Authorize | None = None

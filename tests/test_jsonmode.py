@@ -65,3 +65,13 @@ def test_join_makes_one_array() -> None:
     messages = split_messages(b'[{"a":1}, [2], "x"]') + split_messages(b"3")
     assert json.loads(join_messages(messages)) == [{"a": 1}, [2], "x", 3]
     assert join_messages([]) == b"[]"
+
+
+def test_a_message_limit_stops_parsing_early() -> None:
+    from durable_streams_asgi.jsonmode import TooManyMessages
+
+    assert len(split_messages(b"[1,2,3]", limit=3)) == 3
+    with pytest.raises(TooManyMessages):
+        split_messages(b"[1,2,3,4" + b",5" * 1_000_000 + b"]", limit=3)
+    with pytest.raises(TooManyMessages):  # found before the array's end is even looked at
+        split_messages(b"[1,2,3,4, not json at all", limit=3)

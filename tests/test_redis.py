@@ -546,3 +546,38 @@ async def test_a_call_begun_before_a_moment_never_answers_for_after_it(
     finally:
         monkeypatch.undo()
         await storage.aclose()
+
+
+async def test_one_append_holds_redis_briefly_and_a_huge_array_is_refused(redis_url: str) -> None:
+    """Each JSON message is one stream entry written by one atomic script, so the messages of
+    one request bound how long it holds Redis for everyone. The largest request accepted (the
+    max_messages limit of tiny messages, and a 16 MiB body of large ones) is measured with Redis's
+    SLOWLOG; one message more is a 413, refused while parsing, with nothing written."""
+    prefix = unique_prefix()
+    storage = RedisStorage.from_url(redis_url, key_prefix=prefix)
+    admin = Redis.from_url(redis_url)
+    app = make_host_app(storage)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t/v1/stream") as c:
+            json_ct = {"Content-Type": "application/json"}
+            assert (await c.put("/big", headers=json_ct)).status_code == 201
+            await admin.config_set("slowlog-log-slower-than", 0)
+            await admin.slowlog_reset()
+            most = b"[" + b",".join([b"1"] * 10_000) + b"]"
+            assert (await c.post("/big", headers=json_ct, content=most)).status_code == 204
+            large = b"[" + b",".join([b'"' + b"x" * 1_000_000 + b'"'] * 16) + b"]"  # just under 16 MiB
+            assert (
+                await c.post("/big", headers={"Content-Type": "application/json"}, content=large)
+            ).status_code == 204
+            slowest = max(entry["duration"] for entry in await admin.slowlog_get(128))
+            await admin.config_set("slowlog-log-slower-than", 10_000)
+            print(f"SLOWLOG: the largest accepted appends held Redis for at most {slowest / 1000:.1f} ms")
+            assert slowest < 500_000, f"one append held Redis for {slowest} us"
+
+            too_many = b"[" + b",".join([b"1"] * 10_001) + b"]"
+            r = await c.post("/big", headers=json_ct, content=too_many)
+            assert r.status_code == 413 and "more than 10000 JSON messages" in r.text
+            assert (await storage.head("/big")).tail == 10_016
+    finally:
+        await admin.aclose()
+        await storage.aclose()
