@@ -175,12 +175,12 @@ class RedisStorage(ForkReferences):
     def _channel(self, path: str) -> bytes:
         return f"{self._prefix}{{{_escape(path)}}}:n".encode()
 
-    async def _call(self, script: str, path: str, *args: Any) -> list[Any]:
+    async def _call(self, script: str, path: str, *args: Any, resend: tuple[Any, ...] | None = None) -> list[Any]:
         if self._sweeper is None:
             self._sweeper = asyncio.ensure_future(self._sweep_forever())
         try:
             stream = None if script in _READ_ONLY_SCRIPTS else path
-            return await self._batcher.call(self._scripts[script], stream, self._keys(path), args)
+            return await self._batcher.call(self._scripts[script], stream, self._keys(path), args, resend=resend)
         except _UNAVAILABLE as exc:
             raise StorageUnavailable(str(exc)) from exc
         except ResponseError as exc:
@@ -284,9 +284,8 @@ class RedisStorage(ForkReferences):
         producer = request.producer
         has_data = any(request.items)
         is_json = is_json_content_type(request.content_type)
-        result = await self._call(
-            "append",
-            path,
+        nonce = f"{self._nonce_prefix}{next(self._nonces):x}"
+        head = (
             media_type(request.content_type) if has_data else "",
             "1" if request.close else "0",
             request.seq or "",
@@ -294,9 +293,11 @@ class RedisStorage(ForkReferences):
             str(producer.epoch) if producer else "0",
             str(producer.seq) if producer else "0",
             self._channel(path),
-            f"{self._nonce_prefix}{next(self._nonces):x}",
-            *(_entries(request.items, is_json, self._entry_size) if has_data else ()),
         )
+        entries = _entries(request.items, is_json, self._entry_size) if has_data else ()
+        # Sent again after a lost reply, the nonce is marked so the script looks for it among
+        # the stream's recent appends (append.lua).
+        result = await self._call("append", path, *head, nonce, *entries, resend=(*head, "!" + nonce, *entries))
         status = result[0]
         if status == b"ok":
             return AppendResult(
@@ -322,6 +323,8 @@ class RedisStorage(ForkReferences):
             raise InvalidProducerSeq(producer.seq if producer else 0)
         if status == b"gap":
             raise ProducerSeqGap(expected=int(result[1]), received=int(result[2]))
+        if status == b"unsure":
+            raise StorageUnavailable("Redis connection lost; the append may have been applied (use producer headers)")
         raise self._status_error(status, path)
 
     # -- read ------------------------------------------------------------------------------------

@@ -57,15 +57,24 @@ def _pack(args: tuple[Any, ...], encoding: str, errors: str) -> list[bytes]:
 
 
 class _Call:
-    __slots__ = ("answered", "future", "packed", "script", "stream")
+    __slots__ = ("answered", "future", "keys", "packed", "resend", "script", "stream")
 
     def __init__(
-        self, script: AsyncScript, stream: str | None, packed: list[bytes], future: asyncio.Future[Any]
+        self,
+        script: AsyncScript,
+        stream: str | None,
+        packed: list[bytes],
+        future: asyncio.Future[Any],
+        keys: list[str],
+        resend: tuple[Any, ...] | None,
     ) -> None:
         self.script = script
         self.stream = stream
         self.packed = packed
         self.future = future
+        self.keys = keys
+        #: The arguments to send instead if the call is sent again after a lost connection.
+        self.resend = resend
         # Whether Redis's reply to the latest sending was read: by position on the connection,
         # not by the future, which a caller that left has cancelled whatever Redis did.
         self.answered = False
@@ -88,16 +97,26 @@ class ScriptBatcher:
         self._queue: list[_Call] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def call(self, script: AsyncScript, stream: str | None, keys: list[str], args: tuple[Any, ...]) -> Any:
+    async def call(
+        self,
+        script: AsyncScript,
+        stream: str | None,
+        keys: list[str],
+        args: tuple[Any, ...],
+        *,
+        resend: tuple[Any, ...] | None = None,
+    ) -> Any:
         """Run ``script``. ``stream`` names the stream a writing script changes (None for one
-        that only reads): it decides what may be sent again after a connection is lost."""
+        that only reads): it decides what may be sent again after a connection is lost.
+        ``resend``: the arguments to send instead in that case (a script that must know it may
+        have run already)."""
         # Encoded here, so that an argument that cannot be encoded fails its own call only.
         packed = _pack((b"EVALSHA", script.sha, len(keys), *keys, *args), self._encoding, self._errors)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._queue:
             loop.call_soon(self._flush)
-        self._queue.append(_Call(script, stream, packed, future))
+        self._queue.append(_Call(script, stream, packed, future, keys, resend))
         return await future
 
     def _flush(self) -> None:
@@ -139,7 +158,7 @@ class ScriptBatcher:
                     if retried:
                         raise
                     retried = True
-                    pending = self._retryable([call for call in pending if not call.answered], exc)
+                    pending = self._mark_resent(self._retryable([call for call in pending if not call.answered], exc))
         except BaseException:
             # Replies may be left unread on the socket: never hand it back to the pool like that.
             await connection.disconnect()
@@ -207,6 +226,16 @@ class ScriptBatcher:
             else:
                 retry.append(call)
         return retry
+
+    def _mark_resent(self, calls: list[_Call]) -> list[_Call]:
+        for call in calls:
+            if call.resend is not None:
+                sha = call.script.sha
+                call.packed = _pack(
+                    (b"EVALSHA", sha, len(call.keys), *call.keys, *call.resend), self._encoding, self._errors
+                )
+                call.resend = None
+        return calls
 
     async def aclose(self) -> None:
         """Send what this tick has queued, and wait for batches under way (their callers are

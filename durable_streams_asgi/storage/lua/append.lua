@@ -1,17 +1,33 @@
 -- Append and/or close, validating everything first so that a rejected request changes nothing.
 -- ARGV: 1 media type ('' when no body), 2 close, 3 Stream-Seq, 4 producer id ('' if none),
---       5 epoch, 6 seq, 7 channel, 8 request nonce, 9.. items
+--       5 epoch, 6 seq, 7 channel, 8 request nonce ('!' in front when sent again), 9.. items
+-- meta 'rn' holds the nonces of the last RECENT appends with the tail after each
+-- (';nonce:tail' each, newest first), 'rc' how many it holds.
+local RECENT = 16
 local now = now_ms()
 local m = load(KEYS[1])
 local st = state(m, now)
 if st ~= 'ok' then
   return {st}
 end
--- The client library retries a command whose reply was lost; the nonce makes that retry return
--- the first run's outcome instead of writing again.
-if m.ln == ARGV[8] then
-  m.tail = m.lt
-  return {'ok', unpack(info(m))}
+-- A request sent again after its reply was lost may have been applied, and other writers may
+-- have appended since: its nonce among the recent appends says it was (the reply is the first
+-- run's); absent from a list that never dropped one, it was not. Past that, nobody can tell,
+-- and the caller is told so rather than risk writing it twice.
+local nonce = ARGV[8]
+if string.byte(nonce, 1) == 33 then
+  nonce = string.sub(nonce, 2)
+  local recent = m.rn or ''
+  local at = string.find(recent, ';' .. nonce .. ':', 1, true)
+  if at then
+    local from = at + #nonce + 2
+    local to = string.find(recent, ';', from, true)
+    m.tail = string.sub(recent, from, (to or (#recent + 1)) - 1)
+    return {'ok', unpack(info(m))}
+  end
+  if tonumber(m.rc or '0') >= RECENT then
+    return {'unsure'}
+  end
 end
 local has_data = #ARGV >= 9
 local close = ARGV[2] == '1'
@@ -62,7 +78,11 @@ end
 
 local tail = add_items(tonumber(m.tail), m.json == '1', 9)
 m.tail = int(tail)
-local fields = {'tail', m.tail, 'ln', ARGV[8], 'lt', m.tail}
+local recent, count = ';' .. nonce .. ':' .. m.tail .. (m.rn or ''), tonumber(m.rc or '0') + 1
+if count > RECENT then
+  recent, count = string.match(recent, '^(.*);[^;]*$'), RECENT
+end
+local fields = {'tail', m.tail, 'rn', recent, 'rc', count}
 if close then
   m.closed = '1'
   table.insert(fields, 'closed'); table.insert(fields, '1')
