@@ -258,4 +258,6 @@ def storage_error(exc: st.StorageError) -> ProtocolError:
         return ProtocolError(400, "Stream-Fork-Sub-Offset is past the next data boundary")
     if isinstance(exc, st.StorageUnavailable):
         return ProtocolError(503, "storage unavailable, retry shortly", {"Retry-After": "1"})
+    if isinstance(exc, st.StorageFull):
+        return ProtocolError(507, "storage full: nothing was written")
     return ProtocolError(500, "storage error")

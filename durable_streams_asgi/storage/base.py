@@ -95,6 +95,11 @@ class StorageUnavailable(StorageError):
     """The backing service cannot be reached; the operation did not happen."""
 
 
+class StorageFull(StorageError):
+    """A create or append would pass the storage's configured limits (memory storage's bytes or
+    streams); nothing was written."""
+
+
 # --------------------------------------------------------------------------------------------
 # Values passed in and out.
 
@@ -252,6 +257,7 @@ class Storage(Protocol):
         """Create a stream holding ``items``, or confirm an identical one exists.
 
         Raises :class:`StreamExists` (different config, or a soft-deleted stream at the path),
+        :class:`StorageFull` (a backend with limits),
         and for forks :class:`ForkSourceNotFound`, :class:`ForkSourceGone`,
         :class:`OffsetOutOfRange`, :class:`InvalidForkSubOffset` and :class:`ContentTypeMismatch`.
         """
@@ -262,7 +268,8 @@ class Storage(Protocol):
 
         Raises, in this order of precedence: :class:`StreamNotFound`, :class:`StreamGone`,
         :class:`StreamClosed`, :class:`ContentTypeMismatch`, :class:`StaleEpoch`,
-        :class:`InvalidProducerSeq`, :class:`ProducerSeqGap`, :class:`SequenceConflict`.
+        :class:`InvalidProducerSeq`, :class:`ProducerSeqGap`, :class:`SequenceConflict`, then
+        :class:`StorageFull` (a backend with limits).
         A close-only request on a closed stream succeeds (idempotent close), and so does a
         retry of the producer request that closed it (``duplicate=True``).
         """

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+import uuid
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import replace
@@ -28,6 +29,7 @@ from .base import (
     ReadResult,
     SequenceConflict,
     StaleEpoch,
+    StorageFull,
     StreamClosed,
     StreamConfig,
     StreamExists,
@@ -56,6 +58,9 @@ _SWEEP_INTERVAL = 1.0
 # In-memory stores drop producer state idle for this long (PROTOCOL.md 5.2.1 recommends 7 days).
 PRODUCER_STATE_TTL = 7 * 24 * 3600.0
 
+# Stream ids tell streams at one path apart in ETags (served with Cache-Control: public): unique
+# across restarts too, or a new stream could repeat an old one's ETag for other content.
+_PROCESS = uuid.uuid4().hex[:12]
 _ids = itertools.count(1)
 
 
@@ -104,7 +109,7 @@ class _Stream:
         #: The configuration as the creating request gave it, for idempotent re-creates.
         self.requested = requested
         self.is_json = is_json_content_type(config.content_type)
-        self.stream_id = f"m{next(_ids)}"
+        self.stream_id = f"m{_PROCESS}.{next(_ids)}"
         # A fork reads positions below ``base`` from ``source`` (shared, never copied).
         self.source = source
         self.base = base
@@ -200,12 +205,30 @@ class _Stream:
 
 
 class MemoryStorage(MemoryLeases):
-    """Streams held in this process's memory; lost when it exits. One process only."""
+    """Streams held in this process's memory; lost when it exits. One process only.
 
-    def __init__(self) -> None:
+    ``max_bytes`` (default 1 GiB) and ``max_streams`` (default 100,000) bound what it holds, so a
+    development server open to anyone cannot be filled until the process dies: a create or append
+    past them raises :class:`StorageFull` (HTTP 507) and writes nothing. None: no limit.
+    """
+
+    def __init__(self, *, max_bytes: int | None = 1 << 30, max_streams: int | None = 100_000) -> None:
         super().__init__()
         self._streams: dict[str, _Stream] = {}
         self._next_sweep = 0.0
+        self.max_bytes = max_bytes
+        self.max_streams = max_streams
+        #: Bytes of data held by every stream (inherited data is counted once, by its source).
+        self.bytes = 0
+
+    def _reserve(self, items: Sequence[bytes], new_stream: bool) -> int:
+        """Check the limits for writing ``items``; their size, to add once written."""
+        size = sum(len(item) for item in items)
+        if new_stream and self.max_streams is not None and len(self._streams) >= self.max_streams:
+            raise StorageFull(f"memory storage holds {self.max_streams} streams, its limit")
+        if self.max_bytes is not None and self.bytes + size > self.max_bytes:
+            raise StorageFull(f"memory storage holds {self.bytes} bytes; {size} more would pass its limit")
+        return size
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -230,6 +253,7 @@ class MemoryStorage(MemoryLeases):
         while current is not None:
             if self._streams.get(current.path) is current:
                 del self._streams[current.path]
+                self.bytes -= sum(len(chunk) for chunk in current.chunks)
             source = current.source
             current.source = None
             if source is None:
@@ -276,8 +300,10 @@ class MemoryStorage(MemoryLeases):
             base, resolved = resolve_fork(config, source.config, source.tail)
         elif config.content_type is None:
             resolved = replace(config, content_type=DEFAULT_CONTENT_TYPE)
+        size = self._reserve(items, new_stream=True)
         stream = _Stream(path, resolved, config, now, source, base)
         stream.add(items)
+        self.bytes += size
         stream.closed = config.closed
         if source is not None:
             source.refs += 1
@@ -321,13 +347,15 @@ class MemoryStorage(MemoryLeases):
         if has_data and not same_content_type(request.content_type, stream.config.content_type):
             raise ContentTypeMismatch(request.content_type)
 
-        if request.seq is not None:
-            if stream.last_seq is not None and request.seq <= stream.last_seq:
-                raise SequenceConflict(request.seq)
-            stream.last_seq = request.seq
+        if request.seq is not None and stream.last_seq is not None and request.seq <= stream.last_seq:
+            raise SequenceConflict(request.seq)
+        size = self._reserve(request.items, new_stream=False)
 
         # Validation passed: nothing below can fail, so the write is all-or-nothing.
+        if request.seq is not None:
+            stream.last_seq = request.seq
         stream.add(request.items)
+        self.bytes += size
         if producer is not None:
             stream.producers[producer.id] = _Producer(producer.epoch, producer.seq, now)
         if request.close:
@@ -389,3 +417,4 @@ class MemoryStorage(MemoryLeases):
             stream.wake()
             stream.source = None
         self._streams.clear()
+        self.bytes = 0
