@@ -126,6 +126,30 @@ def _parser() -> argparse.ArgumentParser:
         default=60.0,
         help="seconds before an SSE connection is closed for the client to reconnect (default 60)",
     )
+    serve.add_argument(
+        "--head-timeout",
+        type=_positive_float,
+        default=10.0,
+        help="seconds a request head may take to arrive, once its first byte has (default 10; then 408)",
+    )
+    serve.add_argument(
+        "--body-timeout",
+        type=_positive_float,
+        default=60.0,
+        help="seconds a request body may take to arrive after its head (default 60; then the connection closes)",
+    )
+    serve.add_argument(
+        "--max-head-size",
+        type=int,
+        default=64 * 1024,
+        help="most bytes of URL and headers one request may have (default 65536; then 431)",
+    )
+    serve.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=10_000,
+        help="most connections and requests a worker holds at once; more get 503 (default 10000)",
+    )
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -135,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.workers < 1:
             raise UsageError("--workers must be at least 1")
+        if args.max_head_size < 1024 or args.limit_concurrency < 1:
+            raise UsageError("--max-head-size must be at least 1024 and --limit-concurrency at least 1")
         if args.storage == "memory" and args.workers > 1:
             raise UsageError("memory storage lives in one process: use --workers 1, or Redis storage")
         # Fail fast on a bad value, before any worker starts (nothing connects yet).
@@ -149,6 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ[_ENV_LONG_POLL] = str(args.long_poll_timeout)
     os.environ[_ENV_SSE_DURATION] = str(args.sse_max_duration)
     os.environ[_ENV_KEY_PREFIX] = args.key_prefix
+    # The lean protocol's client limits, read by every worker (see uvicorn_protocol.py).
+    os.environ["DURABLE_STREAMS_HEAD_TIMEOUT"] = str(args.head_timeout)
+    os.environ["DURABLE_STREAMS_BODY_TIMEOUT"] = str(args.body_timeout)
+    os.environ["DURABLE_STREAMS_MAX_HEAD_SIZE"] = str(args.max_head_size)
     uvicorn.run(
         "durable_streams_asgi.cli:server_app",
         factory=True,
@@ -161,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         access_log=args.log_level in ("info", "debug"),
         server_header=False,  # one header less per response, and no version advertised
         timeout_graceful_shutdown=5,
+        limit_concurrency=args.limit_concurrency,
+        h11_max_incomplete_event_size=args.max_head_size,  # where uvicorn's own h11 protocol serves
     )
     return 0
 

@@ -11,6 +11,13 @@ It also writes a response's head together with the first piece of its body. uvic
 as it comes, so a small response costs two system calls and reaches the client as two packets
 (and two wake-ups of the client's event loop); a long-poll fan-out answers hundreds at once.
 
+And it bounds what one client can hold: a request head must arrive whole within
+``head_timeout`` seconds (from the connection's first byte, or the first byte of the next
+request) and within ``max_head_size`` bytes of URL and headers (else 408 or 431 and the
+connection is closed; uvicorn itself waits for a head forever and takes one of any size), and a
+request body within ``body_timeout`` seconds of its head. The CLI sets them (``serve
+--head-timeout``, ...) through the environment, which every worker process inherits.
+
 It leans on uvicorn's internals, so the CLI uses it only with the uvicorn versions it was checked
 against (:func:`lean_protocol`), and the conformance suite runs against the CLI.
 """
@@ -18,6 +25,9 @@ against (:func:`lean_protocol`), and the conformance suite runs against the CLI.
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -132,20 +142,116 @@ class _Coalescing:
         return getattr(self._transport, name)
 
 
+@dataclass(frozen=True)
+class ClientLimits:
+    head_timeout: float = 10.0
+    max_head_size: int = 64 * 1024
+    body_timeout: float = 60.0
+
+    ENV = {
+        "head_timeout": "DURABLE_STREAMS_HEAD_TIMEOUT",
+        "max_head_size": "DURABLE_STREAMS_MAX_HEAD_SIZE",
+        "body_timeout": "DURABLE_STREAMS_BODY_TIMEOUT",
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def client_limits() -> ClientLimits:
+    """The limits this process's connections get (from the environment the CLI set)."""
+    defaults = ClientLimits()
+    values: dict[str, Any] = {}
+    for name, variable in ClientLimits.ENV.items():
+        raw = os.environ.get(variable)
+        if raw:
+            values[name] = type(getattr(defaults, name))(float(raw))
+    return ClientLimits(**values)
+
+
+_REFUSALS = {
+    408: b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n",
+    431: b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n",
+}
+
+
 class LeanHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with small stand-ins for its per-connection queues and a
-    response head written with its body. For servers without websockets (``ws="none"``)."""
+    """uvicorn's httptools protocol, with small stand-ins for its per-connection queues, a
+    response head written with its body, and limits on slow and oversized requests. For servers
+    without websockets (``ws="none"``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.pipeline = _Pipeline()  # type: ignore[assignment]
+        self.limits = client_limits()
+        self.head_size = 0  # bytes received of the request head under way
+        self.awaiting_head = True
+        self.guard: asyncio.TimerHandle | None = None
+        self.refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.flow = _FlowControl(transport)
         self.transport = _Coalescing(transport, self.loop)  # type: ignore[assignment]
+        # Connected and silent is a head that does not come either.
+        self._guard(self.limits.head_timeout, b"request head not received in time")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._unguard()
+        super().connection_lost(exc)
+
+    # -- limits ----------------------------------------------------------------------------------
+
+    def _guard(self, seconds: float, why: bytes) -> None:
+        self._unguard()
+        self.guard = self.loop.call_later(seconds, self._expired, why)
+
+    def _unguard(self) -> None:
+        if self.guard is not None:
+            self.guard.cancel()
+            self.guard = None
+
+    def _expired(self, why: bytes) -> None:
+        self.guard = None
+        if self.cycle is not None and not self.cycle.response_complete and self.cycle.response_started:
+            self.transport.close()  # a response is under way: nothing else can be said
+        else:
+            self._refuse(408, why)
+
+    def _refuse(self, status: int, why: bytes) -> None:
+        self._unguard()
+        self.refused = True
+        if self.cycle is not None:
+            self.cycle.disconnected = True  # the app's receive() says so; its sends are dropped
+            self.cycle.message_event.set()
+        length = b"content-length: %d\r\nconnection: close\r\n\r\n" % len(why)
+        self.transport.write(_REFUSALS[status] + length + why)
+        self.transport.close()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self.guard is None:  # the next request on a kept-alive connection: its head's clock
+            self._guard(self.limits.head_timeout, b"request head not received in time")
+
+    def on_message_complete(self) -> None:
+        self._unguard()
+        self.awaiting_head, self.head_size = True, 0
+        super().on_message_complete()
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
+        counting = self.awaiting_head
+        super().data_received(data)
+        # Bytes that arrived while the head was still incomplete (httptools buffers a header
+        # until it ends, so its callbacks cannot bound this; a read is at most 256 KiB).
+        if counting and self.awaiting_head and not self.refused:
+            self.head_size += len(data)
+            if self.head_size > self.limits.max_head_size:
+                self._refuse(431, b"request head too large")
 
     def on_headers_complete(self) -> None:
+        # The head is whole: now its body has body_timeout seconds (on_message_complete ends it).
+        self.awaiting_head = False
+        self._guard(self.limits.body_timeout, b"request body not received in time")
         before = self.cycle
         super().on_headers_complete()
         cycle = self.cycle

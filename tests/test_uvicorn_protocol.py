@@ -7,8 +7,11 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
+import httpx
 import pytest
 import uvicorn
 
@@ -16,7 +19,7 @@ from durable_streams_asgi import cli
 from durable_streams_asgi.storage.memory import MemoryStorage
 from durable_streams_asgi.uvicorn_protocol import LeanHttpToolsProtocol, _Signal, lean_protocol
 
-from .conftest import running_server
+from .conftest import free_port, running_server, spawn, stop
 
 
 def test_the_cli_serves_with_the_lean_protocol_on_this_uvicorn() -> None:
@@ -154,3 +157,77 @@ async def test_a_response_head_goes_out_with_its_body() -> None:
     transport.close()
     assert raw.writes[-1] == head and raw.closed
     assert transport.get_extra_info("peername") == "extra:peername"
+
+
+@pytest.fixture
+def strict_server(tmp_path: Path) -> Iterator[int]:
+    """The standalone server (the CLI, so the lean protocol and its limits) with short limits."""
+    port = free_port()
+    args = ["durable_streams_asgi.cli", "serve", "--port", str(port), "--log-level", "warning"]
+    args += ["--head-timeout", "1", "--body-timeout", "1", "--max-head-size", "4096", "--limit-concurrency", "4"]
+    process = spawn(args, tmp_path / "server.log", f"http://127.0.0.1:{port}/healthz")
+    try:
+        yield port
+    finally:
+        stop(process)
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def exchange(port: int, data: bytes, wait: float = 5.0) -> tuple[bytes, float]:
+    """Send ``data``, then read until the server closes the connection: what it said, and when."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(wait)
+        if data:
+            sock.sendall(data)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except TimeoutError:
+            raise AssertionError(f"still open after {wait} s; got {received[:200]!r}") from None
+        except ConnectionResetError:
+            pass
+    return received, time.monotonic() - started
+
+
+def test_slow_and_oversized_clients_are_cut_off(strict_server: int) -> None:
+    port = strict_server
+    # Half a request head, then nothing: 408 once the head time is up, and closed.
+    answer, took = exchange(port, b"GET /v1/stream/x HTTP/1.1\r\nHost: a\r\n")
+    assert answer.startswith(b"HTTP/1.1 408 ") and took < 4
+    # Connected and silent: closed too.
+    answer, took = exchange(port, b"")
+    assert answer.startswith(b"HTTP/1.1 408 ") and took < 4
+    # A head larger than allowed: 431 at once, however it goes on.
+    answer, took = exchange(port, b"GET /v1/stream/x HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 8000 + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 431 ") and took < 1
+    # A body that does not come: the connection is closed (the request's handler sees it leave).
+    head = b"PUT /v1/stream/slow HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\r\nab"
+    answer, took = exchange(port, head)
+    assert took < 4 and b" 201 " not in answer
+    # Ordinary requests on a kept-alive connection are untouched, and the slow PUT wrote nothing.
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1/stream") as client:
+        assert client.put("/ok", headers={"Content-Type": "text/plain"}, content=b"x").status_code == 201
+        assert client.get("/ok", params={"offset": "-1"}).content == b"x"
+        assert client.head("/slow").status_code == 404
+
+
+def test_connections_past_the_limit_get_503(strict_server: int) -> None:
+    """uvicorn's limit_concurrency, which the CLI sets: SSE readers hold places until none is left."""
+    port = strict_server
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1/stream", timeout=10) as client:
+        client.put("/live", headers={"Content-Type": "text/plain"})
+    readers, answers = [], []
+    try:
+        for _ in range(6):
+            sock = socket.create_connection(("127.0.0.1", port))
+            readers.append(sock)
+            sock.sendall(b"GET /v1/stream/live?offset=now&live=sse HTTP/1.1\r\nHost: a\r\n\r\n")
+            sock.settimeout(5)
+            answers.append(sock.recv(4096).split(b" ", 2)[1])
+    finally:
+        for sock in readers:
+            sock.close()
+    served = answers.index(b"503") if b"503" in answers else len(answers)
+    assert served >= 2 and answers[served:] == [b"503"] * (6 - served), answers
