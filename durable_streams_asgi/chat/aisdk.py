@@ -37,16 +37,15 @@ from typing import Any, Literal
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
 
 from ..generation import Generation, WriteOptions, append_with_retry, generation_response, reconnect_response
 from ..jsonmode import encode_message
 from ..storage.base import AppendRequest, Lease, Producer, StaleEpoch, StreamClosed, StreamNotFound
 from ..streams import DurableStreams
+from .base import ChatApp
 from .http import (
     ChatAuthorize,
     ChatError,
-    ChatRoutes,
     chat_id_of,
     check,
     guarded,
@@ -55,7 +54,7 @@ from .http import (
     no_store,
     stream_url,
 )
-from .runtime import PRODUCER_ID, ChatRuntime, Running
+from .runtime import PRODUCER_ID, Running
 from .uimessages import History, build_message
 
 TRIGGERS = ("submit-message", "regenerate-message")
@@ -102,10 +101,11 @@ async def ui_message_chunks(tokens: AsyncIterable[str], message_id: str | None =
     yield {"type": "finish"}
 
 
-class AISDKChat:
+class AISDKChat(ChatApp):
     """Durable AI SDK chats over ``streams``; see the module's documentation."""
 
     kind = "aisdk"
+    default_api = "/api/chat"
 
     def __init__(
         self,
@@ -120,23 +120,22 @@ class AISDKChat:
         authorize: ChatAuthorize | None = None,
         retry_for: float = 30.0,
     ) -> None:
-        if mode not in ("immediate", "await"):
-            raise ValueError("mode must be 'immediate' or 'await'")
-        self.streams = streams
-        self.model = model
-        self.path_prefix = "/" + path_prefix.strip("/")
-        self.mode = mode
-        self.ttl = ttl
-        self.max_body_size = max_body_size
-        self.authorize = authorize
-        self.retry_for = retry_for
-        self.runtime = ChatRuntime.of(streams, lease_ttl=lease_ttl)
-        self.runtime.on_orphan(f"{self.kind}:{self.path_prefix}/", self._end_orphan)
+        super().__init__(
+            streams,
+            model,
+            path_prefix=path_prefix,
+            mode=mode,
+            ttl=ttl,
+            lease_ttl=lease_ttl,
+            max_body_size=max_body_size,
+            authorize=authorize,
+            retry_for=retry_for,
+        )
 
-    def routes(self, api: str = "/api/chat") -> list[Route]:
-        """The endpoints at ``api`` (the transport's ``api`` option) and below, for a Starlette or
-        FastAPI app: ``app.router.routes.extend(chat.routes("/api/chat"))``."""
-        api = "/" + api.strip("/")
+    def routes(self, api: str | None = None) -> list[Route]:
+        """The endpoints at ``api`` (the transport's ``api`` option; default ``/api/chat``) and
+        below, for a Starlette or FastAPI app: ``app.router.routes.extend(chat.routes())``."""
+        api = "/" + (api or self.default_api).strip("/")
         return [
             Route(api, guarded(self.send), methods=["POST"]),
             Route(api + "/{chat_id}/stream", guarded(self.reconnect), methods=["GET"]),
@@ -144,14 +143,7 @@ class AISDKChat:
             Route(api + "/{chat_id}/messages", guarded(self.messages), methods=["GET"]),
         ]
 
-    def wrap(self, app: ASGIApp, api: str = "/api/chat") -> ASGIApp:
-        """``app`` with the endpoints in front of it at ``api`` (any ASGI framework, e.g. Django)."""
-        return ChatRoutes(app, self.routes(api))
-
     # -- names -----------------------------------------------------------------------------------
-
-    def _key(self, chat_id: str) -> str:
-        return f"{self.kind}:{self.path_prefix}/{chat_id}"
 
     def history_path(self, chat_id: str) -> str:
         return f"{self.path_prefix}/{chat_id}/history"
@@ -301,29 +293,13 @@ class AISDKChat:
             )
         )
 
-    async def stop(self, request: Request) -> Response:
-        chat_id = chat_id_of(request.path_params["chat_id"])
-        await check(self.authorize, request, "stop", chat_id)
-        await self.stop_chat(chat_id)
-        return no_store(Response(status_code=204))
-
-    async def stop_chat(self, chat_id: str) -> bool:
-        """Stop the chat's running answer, whichever process runs it; False when none runs."""
-        running = await self.runtime.running(self._key(chat_id))
-        if running is None:
-            return False
-        lease = await self.runtime.take_over(running)
-        await self._end(lease, {"type": "abort"})
-        await self.runtime.end(lease)
-        return True
-
-    async def _end_orphan(self, lease: Lease) -> None:
-        await self._end(lease, {"type": "error", "errorText": "the server writing this answer stopped"})
-
-    async def _end(self, lease: Lease, record: dict[str, Any]) -> None:
-        """End a generation we took the lease of: ``record`` written with the new fence (fencing
-        off the old writer), its answer into the history, then the close. An answer whose writer
-        died after its last chunk (``finish``) but before the close gets no record, only the close."""
+    async def _end(self, lease: Lease, *, orphaned: bool) -> None:
+        """``abort`` (a stop) or ``error`` (its writer died), its answer into the history, then
+        the close. An answer whose writer died after its last chunk (``finish``) but before the
+        close gets no record, only the close."""
+        record = (
+            {"type": "error", "errorText": "the server writing this answer stopped"} if orphaned else {"type": "abort"}
+        )
         running = Running.of(lease)
         chunks = await self._chunks_of(running.path)
         if not (chunks and isinstance(chunks[-1], dict) and chunks[-1].get("type") in ("finish", "abort", "error")):

@@ -34,7 +34,7 @@ from urllib.parse import quote
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from ..generation import Generation, WriteOptions, append_with_retry
 from ..jsonmode import encode_message
@@ -48,11 +48,11 @@ from ..storage.base import (
     StreamNotFound,
 )
 from ..streams import DurableStreams
+from .base import ChatApp
 from .http import (
     UNAVAILABLE,
     ChatAuthorize,
     ChatError,
-    ChatRoutes,
     RawEndpoint,
     chat_id_of,
     check,
@@ -62,7 +62,7 @@ from .http import (
     message_list,
     no_store,
 )
-from .runtime import PRODUCER_ID, ChatRuntime, Running
+from .runtime import PRODUCER_ID, Running
 
 
 def _now_ms() -> int:
@@ -166,10 +166,11 @@ def _stored(chunk: Any) -> Any:
     return chunk
 
 
-class TanStackChat:
+class TanStackChat(ChatApp):
     """Durable TanStack AI chat sessions over ``streams``; see the module's documentation."""
 
     kind = "tanstack"
+    default_api = "/api/tanstack"
 
     def __init__(
         self,
@@ -184,23 +185,22 @@ class TanStackChat:
         authorize: ChatAuthorize | None = None,
         retry_for: float = 30.0,
     ) -> None:
-        if mode not in ("immediate", "await"):
-            raise ValueError("mode must be 'immediate' or 'await'")
-        self.streams = streams
-        self.model = model
-        self.path_prefix = "/" + path_prefix.strip("/")
-        self.mode = mode
-        self.ttl = ttl
-        self.max_body_size = max_body_size
-        self.authorize = authorize
-        self.retry_for = retry_for
-        self.runtime = ChatRuntime.of(streams, lease_ttl=lease_ttl)
-        self.runtime.on_orphan(f"{self.kind}:{self.path_prefix}/", self._end_orphan)
+        super().__init__(
+            streams,
+            model,
+            path_prefix=path_prefix,
+            mode=mode,
+            ttl=ttl,
+            lease_ttl=lease_ttl,
+            max_body_size=max_body_size,
+            authorize=authorize,
+            retry_for=retry_for,
+        )
 
-    def routes(self, api: str = "/api/tanstack") -> list[Route]:
-        """The endpoints below ``api``, for a Starlette or FastAPI app:
-        ``app.router.routes.extend(chat.routes("/api/tanstack"))``."""
-        api = "/" + api.strip("/")
+    def routes(self, api: str | None = None) -> list[Route]:
+        """The endpoints below ``api`` (default ``/api/tanstack``), for a Starlette or FastAPI
+        app: ``app.router.routes.extend(chat.routes())``."""
+        api = "/" + (api or self.default_api).strip("/")
         return [
             Route(api + "/{chat_id}", guarded(self.send), methods=["POST"]),
             Route(api + "/{chat_id}/stream", RawEndpoint(self._read), methods=["GET", "HEAD"]),
@@ -208,15 +208,8 @@ class TanStackChat:
             Route(api + "/{chat_id}/snapshot", guarded(self.snapshot_endpoint), methods=["GET"]),
         ]
 
-    def wrap(self, app: ASGIApp, api: str = "/api/tanstack") -> ASGIApp:
-        """``app`` with the endpoints in front of it below ``api`` (any ASGI framework)."""
-        return ChatRoutes(app, self.routes(api))
-
     def session_path(self, chat_id: str) -> str:
         return f"{self.path_prefix}/{chat_id}"
-
-    def _key(self, chat_id: str) -> str:
-        return f"{self.kind}:{self.session_path(chat_id)}"
 
     async def _ensure_session(self, chat_id: str) -> str:
         path = self.session_path(chat_id)
@@ -316,27 +309,10 @@ class TanStackChat:
 
     # -- stop and takeover -----------------------------------------------------------------------
 
-    async def stop(self, request: Request) -> Response:
-        chat_id = chat_id_of(request.path_params["chat_id"])
-        await check(self.authorize, request, "stop", chat_id)
-        await self.stop_chat(chat_id)
-        return no_store(Response(status_code=204))
-
-    async def stop_chat(self, chat_id: str) -> bool:
-        """Stop the chat's running answer, whichever process runs it; False when none runs."""
-        running = await self.runtime.running(self._key(chat_id))
-        if running is None:
-            return False
-        lease = await self.runtime.take_over(running)
-        await self._end(lease, "aborted", "stopped")
-        await self.runtime.end(lease)
-        return True
-
-    async def _end_orphan(self, lease: Lease) -> None:
-        await self._end(lease, "orphaned", "the server writing this answer stopped")
-
-    async def _end(self, lease: Lease, code: str, message: str) -> None:
-        """End the run with the new fence: any later append of the old writer is refused."""
+    async def _end(self, lease: Lease, *, orphaned: bool) -> None:
+        """``TEXT_MESSAGE_END`` and ``RUN_ERROR`` (code ``aborted`` for a stop, ``orphaned`` when
+        its writer died) with the new fence: any later append of the old writer is refused."""
+        code, message = ("orphaned", "the server writing this answer stopped") if orphaned else ("aborted", "stopped")
         running = Running.of(lease)
         end = {"type": "TEXT_MESSAGE_END", "messageId": running.details.get("message_id"), "timestamp": _now_ms()}
         items = [encode_message(end), encode_message(self._run_error(running.details, code, message))]
