@@ -224,3 +224,35 @@ async def test_redis_paused_under_writers_and_long_poll_readers(servers: Servers
     finally:
         await admin.execute_command("CLIENT", "UNPAUSE")
         await admin.aclose()
+
+
+async def test_pubsub_connections_killed_under_waiting_long_poll_readers(servers: Servers, redis_url: str) -> None:
+    """Every pub/sub connection is killed while readers wait on one process; a write through the
+    other must still reach each of them as data (a lost wake-up would be a 204 at the timeout)."""
+    prefix = unique_prefix()
+    a, _ = servers.serve(redis_url, prefix)
+    b, _ = servers.serve(redis_url, prefix)
+    admin = Redis.from_url(redis_url)
+    channel = f"{prefix}{{/w}}:n"
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            assert (await client.put(a + "/w", headers=JSON_CT)).status_code == 201
+            tail = (await client.head(a + "/w")).headers["stream-next-offset"]
+            for round_ in range(3):
+                waiting = [
+                    asyncio.ensure_future(client.get(b + "/w", params={"offset": tail, "live": "long-poll"}))
+                    for _ in range(10)
+                ]
+                for _ in range(200):  # the readers are subscribed (confirmed by Redis itself)
+                    if (await admin.pubsub_numsub(channel))[0][1] >= 1:
+                        break
+                    await asyncio.sleep(0.01)
+                assert await admin.client_kill_filter(_type="pubsub") >= 1
+                appended = await client.post(a + "/w", headers=JSON_CT, json={"round": round_})
+                assert appended.status_code == 204
+                answers = await asyncio.gather(*waiting)
+                assert [r.status_code for r in answers] == [200] * 10, [r.status_code for r in answers]
+                assert all(r.json() == [{"round": round_}] for r in answers)
+                tail = appended.headers["stream-next-offset"]
+    finally:
+        await admin.aclose()
