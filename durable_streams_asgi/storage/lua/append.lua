@@ -1,7 +1,7 @@
 -- Append and/or close, validating everything first so that a rejected request changes nothing.
 -- ARGV: 1 media type ('' when no body), 2 close, 3 Stream-Seq, 4 producer id ('' if none),
 --       5 epoch, 6 seq, 7 channel, 8 request nonce ('!' in front when sent again), 9.. items
--- meta 'rn' holds the nonces of the last RECENT appends with the tail after each
+-- meta 'rn' holds the nonces of the last RECENT appends without producer, with the tail after each
 -- (';nonce:tail' each, newest first), 'rc' how many it holds.
 local RECENT = 16
 local now = now_ms()
@@ -14,8 +14,10 @@ end
 -- have appended since: its nonce among the recent appends says it was (the reply is the first
 -- run's); absent from a list that never dropped one, it was not. Past that, nobody can tell,
 -- and the caller is told so rather than risk writing it twice.
+-- (A producer's request needs none of this: its epoch and sequence number tell a resend.)
 local nonce = ARGV[8]
-if string.byte(nonce, 1) == 33 then
+local plain = ARGV[4] == ''
+if string.byte(nonce, 1) == 33 and plain then
   nonce = string.sub(nonce, 2)
   local recent = m.rn or ''
   local at = string.find(recent, ';' .. nonce .. ':', 1, true)
@@ -78,11 +80,15 @@ end
 
 local tail = add_items(tonumber(m.tail), m.json == '1', 9)
 m.tail = int(tail)
-local recent, count = ';' .. nonce .. ':' .. m.tail .. (m.rn or ''), tonumber(m.rc or '0') + 1
-if count > RECENT then
-  recent, count = string.match(recent, '^(.*);[^;]*$'), RECENT
+local fields = {'tail', m.tail}
+if plain then
+  local recent, count = ';' .. nonce .. ':' .. m.tail .. (m.rn or ''), tonumber(m.rc or '0') + 1
+  if count > RECENT then
+    recent, count = string.match(recent, '^(.*);[^;]*$'), RECENT
+  end
+  table.insert(fields, 'rn'); table.insert(fields, recent)
+  table.insert(fields, 'rc'); table.insert(fields, count)
 end
-local fields = {'tail', m.tail, 'rn', recent, 'rc', count}
 if close then
   m.closed = '1'
   table.insert(fields, 'closed'); table.insert(fields, '1')
