@@ -212,13 +212,14 @@ class AISDKChat(ChatApp):
         its stream's path. Raises :class:`ChatError` (409) when one is running."""
         message_id = f"msg-{uuid.uuid4().hex}"
         path = f"{self.path_prefix}/{chat_id}/{uuid.uuid4().hex}"
-        history = await self.history(chat_id)
-        keep = history.common_prefix(messages)
         details = {"path": path, "message_id": message_id}
         lease = await self.runtime.begin(self._key(chat_id), details)
         if lease is None:
             raise ChatError(409, "this chat has an answer being written; stop it first")
         try:
+            # Read with the lease held: the previous answer, recorded before its lease was
+            # released, is in it.
+            keep = (await self.history(chat_id)).common_prefix(messages)
             await self._record(chat_id, {"turn": path, "keep": keep, "messages": messages[keep:]})
             turn = ChatTurn(chat_id, messages, trigger, message_id, body or {}, request)
             # The stream is closed after the answer is in the history (not with the last chunk):
