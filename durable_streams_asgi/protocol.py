@@ -7,6 +7,7 @@ and becomes a 4xx with a short text body. Nothing in this module touches storage
 from __future__ import annotations
 
 import functools
+import ipaddress
 import re
 from collections.abc import Mapping
 from datetime import datetime
@@ -194,6 +195,19 @@ def validate_path(path: str) -> str:
     return "/" + stripped
 
 
+_BRACKETED = re.compile(r"\[([0-9A-Fa-f:.]+)\](?::[0-9]*)?")
+
+
+def _check_bracketed_host(netloc: str) -> None:
+    """A host in brackets must be an IPv6 address: Python 3.11+'s urlsplit checks, 3.10's not."""
+    host = netloc.rpartition("@")[2]
+    if "[" in host or "]" in host:
+        match = _BRACKETED.fullmatch(host)
+        if match is None:
+            raise ValueError("invalid bracketed host")
+        ipaddress.IPv6Address(match.group(1))
+
+
 def fork_source_path(value: str, root_path: str) -> str:
     """The stream path named by ``Stream-Forked-From``.
 
@@ -203,9 +217,11 @@ def fork_source_path(value: str, root_path: str) -> str:
     value = value.strip()
     if "://" in value:
         try:
-            value = urlsplit(value).path
+            parts = urlsplit(value)
+            _check_bracketed_host(parts.netloc)
         except ValueError as exc:  # an invalid host such as http://[x]/ or http://[::1/
             raise bad_request("Stream-Forked-From: not a valid URL") from exc
+        value = parts.path
     value = unquote(value)
     if root_path and (value == root_path or value.startswith(root_path + "/")):
         value = value[len(root_path) :]
