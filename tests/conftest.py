@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import shutil
 import socket
@@ -141,6 +142,37 @@ def redis_server(directory: Path) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def environment(**values: str | None) -> Iterator[None]:
+    """Set (or, with None, unset) environment variables for the block, then restore them."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def example_answer(prompt: str, tokens: int) -> str:
+    """The whole answer of the FastAPI example's fake model to ``prompt`` with DEMO_TOKENS=tokens
+    (its own function, imported, so that a change there is a change here)."""
+    main = Path(__file__).resolve().parent.parent / "examples" / "fastapi_app" / "main.py"
+    spec = importlib.util.spec_from_file_location("fastapi_example_main", main)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    with environment(DEMO_TOKENS=str(tokens), REDIS_URL=None):
+        spec.loader.exec_module(module)
+        return "".join(module.fake_answer(prompt))
 
 
 def unique_prefix() -> str:

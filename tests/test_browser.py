@@ -11,7 +11,6 @@ so consecutive requests of the page land on different workers.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ from urllib.parse import parse_qs, urlparse
 import httpx
 import pytest
 
-from .conftest import free_port, spawn, stop, unique_prefix
+from .conftest import example_answer, free_port, spawn, stop, unique_prefix
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -58,19 +57,7 @@ def chromium() -> str:
 
 
 def expected_answer(prompt: str, tokens: int) -> str:
-    spec = importlib.util.spec_from_file_location("fastapi_example_main", EXAMPLE / "main.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    previous = os.environ.get("DEMO_TOKENS")
-    os.environ["DEMO_TOKENS"] = str(tokens)
-    try:
-        spec.loader.exec_module(module)
-        return "".join(module.fake_answer(prompt))
-    finally:
-        if previous is None:
-            del os.environ["DEMO_TOKENS"]
-        else:
-            os.environ["DEMO_TOKENS"] = previous
+    return example_answer(prompt, tokens)
 
 
 def npm(*args: str) -> None:

@@ -17,7 +17,6 @@ result (see tests/interop/lib.mjs).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import queue
@@ -35,7 +34,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from .conftest import RedisServer, free_port, spawn, stop, unique_prefix
+from .conftest import RedisServer, example_answer, free_port, spawn, stop, unique_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "fastapi_app"
@@ -157,36 +156,8 @@ def run_node(node: str, tmp_path: Path) -> Iterator[Callable[..., NodeScript]]:
 
 
 @functools.lru_cache
-def example_module(tokens: int) -> Any:
-    """examples/fastapi_app/main.py imported with DEMO_TOKENS set (and on memory storage)."""
-    spec = importlib.util.spec_from_file_location(f"fastapi_example_main_{tokens}", EXAMPLE / "main.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    saved = {name: os.environ.get(name) for name in ("DEMO_TOKENS", "REDIS_URL")}
-    os.environ["DEMO_TOKENS"] = str(tokens)
-    os.environ.pop("REDIS_URL", None)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-    return module
-
-
 def expected_answer(prompt: str, tokens: int = TOKENS) -> str:
-    module = example_module(tokens)
-    previous = os.environ.get("DEMO_TOKENS")
-    os.environ["DEMO_TOKENS"] = str(tokens)  # in case fake_answer reads it when called
-    try:
-        return "".join(module.fake_answer(prompt))
-    finally:
-        if previous is None:
-            del os.environ["DEMO_TOKENS"]
-        else:
-            os.environ["DEMO_TOKENS"] = previous
+    return example_answer(prompt, tokens)
 
 
 # -- the servers ------------------------------------------------------------------------------------
