@@ -288,18 +288,17 @@ class GenerationRunner:
                 # Interrupted mid-append: it may or may not have been applied. Sending the same
                 # producer request again applies it exactly once either way.
                 unsure = in_flight
+                fenced = False
                 try:
                     await asyncio.shield(self._append(path, unsure, options.retry_for))
                     seq += 1
                 except _Fenced:
-                    raise_fenced = True
+                    fenced = True
                 except Exception as replay_error:
                     logger.warning("generation %s: replaying an interrupted append failed: %r", path, replay_error)
-                else:
-                    raise_fenced = False
                 if unsure.items is batch:
                     batch = []
-                if raise_fenced:
+                if fenced:
                     if isinstance(exc, asyncio.CancelledError):
                         raise
                     return "stopped", await tail()

@@ -27,7 +27,8 @@ from durable_streams_asgi.chat import (
     tanstack_chunks,
     ui_message_chunks,
 )
-from durable_streams_asgi.storage.base import AppendRequest, AppendResult, Storage
+from durable_streams_asgi.generation import WriteOptions
+from durable_streams_asgi.storage.base import AppendRequest, AppendResult, Storage, StreamConfig
 
 from .conftest import StorageFactory
 
@@ -450,3 +451,21 @@ async def test_tanstack_stop_and_orphan_end_the_run(workers: Callable[..., Any])
         await two.streams.storage.wait_for_data(path, offset, deadline - time.monotonic())
         offset = (await two.streams.head(path)).tail
     assert json.loads(json.dumps(last))["error"]["code"] == "orphaned"
+
+
+async def test_a_generation_whose_storage_stays_down_ends_as_failed(storage: Storage) -> None:
+    """Past its retry budget a generation gives up: it ends as 'failed' (the replay of its last
+    append and its final record fail too), and its task returns rather than raise."""
+    down = LosingReplies(storage, {n: "before" for n in range(1, 10_000)})
+    streams = DurableStreams(down, shutdown_timeout=1)  # type: ignore[arg-type]
+    await storage.create("/down", StreamConfig(content_type="application/json"))
+
+    async def source() -> AsyncIterator[dict[str, Any]]:
+        yield {"type": "text-delta", "delta": "x"}
+
+    generation = await streams.start_generation(
+        "/down", source(), create=False, options=WriteOptions(retry_for=0.05, close=False)
+    )
+    assert (await generation.task).startswith("0000")  # the stream's offset: nothing was written
+    assert generation.outcome == "failed"
+    assert (await storage.head("/down")).tail == 0
