@@ -52,6 +52,17 @@ def spawn(
         time.sleep(0.1)
 
 
+def spawn_proxy(upstreams: list[str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """tests/roundrobin.py on a free port in front of ``upstreams``: the process and its URL."""
+    port = free_port()
+    args = ["tests.roundrobin", "--port", str(port)]
+    for upstream in upstreams:
+        args += ["--upstream", upstream]
+    url = f"http://127.0.0.1:{port}"
+    root = Path(__file__).resolve().parent.parent
+    return spawn(args, log, f"{url}/healthz", cwd=root), url
+
+
 def stop(process: subprocess.Popen[bytes]) -> None:
     """Terminate, and kill what does not exit within 15 s."""
     if process.poll() is None:

@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlparse
 import httpx
 import pytest
 
-from .conftest import example_answer, free_port, spawn, stop, unique_prefix
+from .conftest import example_answer, free_port, spawn, spawn_proxy, stop, unique_prefix
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -115,13 +115,10 @@ def example_url(request: pytest.FixtureRequest, tmp_path: Path, chat_bundle: Pat
         if processes == 1:
             yield upstreams[0]
         else:
-            port = free_port()
-            args = ["tests.roundrobin", "--port", str(port)]
-            for upstream in upstreams:
-                args += ["--upstream", upstream]
             logs.append(tmp_path / "proxy.log")
-            started.append(spawn(args, logs[-1], f"http://127.0.0.1:{port}/healthz", cwd=ROOT))
-            yield f"http://127.0.0.1:{port}"
+            proxy, url = spawn_proxy(upstreams, logs[-1])
+            started.append(proxy)
+            yield url
     finally:
         for process in started:
             stop(process)

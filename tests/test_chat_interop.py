@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from .conftest import RedisServer, example_answer, free_port, spawn, stop, unique_prefix
+from .conftest import RedisServer, example_answer, free_port, spawn, spawn_proxy, stop, unique_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "fastapi_app"
@@ -199,13 +199,9 @@ class Servers:
         return self.started[-1]
 
     def proxy(self, upstreams: list[str]) -> str:
-        port = free_port()
-        args = ["tests.roundrobin", "--port", str(port)]
-        for upstream in upstreams:
-            args += ["--upstream", upstream]
-        url = f"http://127.0.0.1:{port}"
         log = self.tmp_path / "proxy.log"
-        self.started.append(Server(url, spawn(args, log, f"{url}/healthz", cwd=ROOT), log))
+        process, url = spawn_proxy(upstreams, log)
+        self.started.append(Server(url, process, log))
         return url
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import free_port, spawn, stop, unique_prefix
+from .conftest import free_port, spawn, spawn_proxy, stop, unique_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFORMANCE = ROOT / "conformance"
@@ -72,13 +72,10 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         if processes == 1:
             yield upstreams[0]
         else:
-            port = free_port()
-            args = ["tests.roundrobin", "--port", str(port)]
-            for upstream in upstreams:
-                args += ["--upstream", upstream]
             logs.append(tmp_path / "proxy.log")
-            started.append(spawn(args, logs[-1], f"http://127.0.0.1:{port}/healthz"))
-            yield f"http://127.0.0.1:{port}"
+            proxy, url = spawn_proxy(upstreams, logs[-1])
+            started.append(proxy)
+            yield url
     finally:
         for process in started:
             stop(process)
