@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from . import offsets
+from . import metrics, offsets
 from .jsonmode import encode_message
 from .storage.base import (
     AppendRequest,
@@ -130,7 +130,9 @@ class GenerationRunner:
     def __init__(self, storage: Storage, *, shutdown_timeout: float) -> None:
         self._storage = storage
         self._tasks: set[asyncio.Task[str]] = set()
+        self._generations: dict[asyncio.Task[str], Generation] = {}
         self.shutdown_timeout = shutdown_timeout
+        self._stopping: asyncio.Future[None] | None = None
 
     @property
     def running(self) -> int:
@@ -152,6 +154,10 @@ class GenerationRunner:
         """Write ``source`` into ``path`` from a background task. ``create``: the stream is
         created first, so a client given its URL may read it at once. ``finalize`` runs in the
         same task once the writing ended, whatever the outcome (shielded from cancellation)."""
+        if self._stopping is not None:
+            # Shutting down: a generation started now would be cut off at once. The client
+            # retries, and reaches a server that stays.
+            raise StorageUnavailable("the server is shutting down")
         if create is not None:
             await self._storage.create(path, create)
         holder: list[Generation] = []
@@ -159,16 +165,33 @@ class GenerationRunner:
         generation = Generation(path, task)
         holder.append(generation)
         self._tasks.add(task)
+        self._generations[task] = generation
         task.add_done_callback(self._finished)
+        metrics.current.generation(1)
         return generation
 
     def _finished(self, task: asyncio.Task[str]) -> None:
         self._tasks.discard(task)
+        generation = self._generations.pop(task, None)
+        metrics.current.generation(-1, (generation.outcome if generation else None) or "failed")
         if not task.cancelled() and task.exception() is not None:
             logger.error("generation failed to write its stream", exc_info=task.exception())
 
+    def begin_shutdown(self) -> asyncio.Future[None]:
+        """The server is stopping: refuse new generations (``StorageUnavailable``) and start
+        :meth:`shutdown` in the background (once); the future ends with it."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._shutdown())
+        return self._stopping
+
     async def shutdown(self) -> None:
-        """Let running generations finish for ``shutdown_timeout`` seconds, then interrupt them."""
+        """Let running generations finish for ``shutdown_timeout`` seconds, then interrupt them
+        (after :meth:`begin_shutdown`: wait for the shutdown it started)."""
+        if self._stopping is not None:
+            await asyncio.shield(self._stopping)
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
         tasks = [t for t in self._tasks if not t.done()]
         if not tasks:
             return

@@ -15,7 +15,8 @@ from urllib.parse import parse_qsl, quote
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from . import offsets, protocol
+from . import metrics, offsets, protocol
+from .drain import Drain
 from .jsonmode import InvalidJSON, TooManyMessages, split_messages
 from .options import ALLOWED_HEADERS, ALLOWED_METHODS, EXPOSED_HEADERS, AccessDenied, Options
 from .protocol import Headers, ProtocolError
@@ -130,6 +131,8 @@ class DurableStreamsASGI(ReadHandlers):
     def __init__(self, storage: Storage, options: Options) -> None:
         self.storage = storage
         self.options = options
+        #: Set when the server is stopping: live reads end (see :mod:`durable_streams_asgi.drain`).
+        self.drain = Drain()
         self._catchup_cache_control = f"{options.cache_visibility}, max-age=60, stale-while-revalidate=300"
         self._security: Headers = [
             (b"x-content-type-options", b"nosniff"),
@@ -176,6 +179,30 @@ class DurableStreamsASGI(ReadHandlers):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
+        if metrics.current.enabled:
+            await self._measured(scope, receive, send)
+        else:
+            await self._serve(scope, receive, send)
+
+    async def _measured(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """:meth:`_serve`, counted by operation and status."""
+        status = 0
+
+        async def observed(message: dict[str, object]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]  # type: ignore[assignment]
+            await send(message)
+
+        began = time.perf_counter()
+        try:
+            await self._serve(scope, receive, observed)
+        finally:
+            operation = _operation(scope)
+            live = operation in ("long_poll", "sse")
+            metrics.current.request(operation, status, None if live else time.perf_counter() - began)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         route_path = scope["path"]
         root = scope.get("root_path", "")
         if root and route_path.startswith(root):
@@ -391,6 +418,26 @@ class DurableStreamsASGI(ReadHandlers):
         "POST": _post,
         "DELETE": _delete,
     }
+
+
+_OPERATIONS = {"HEAD": "head", "PUT": "create", "POST": "append", "DELETE": "delete", "OPTIONS": "preflight"}
+
+
+def _operation(scope: Scope) -> str:
+    """The metrics' name for what a request does."""
+    method = scope["method"]
+    if method == "GET":
+        query: bytes = scope.get("query_string", b"")
+        if b"live=sse" in query:
+            return "sse"
+        return "long_poll" if b"live=long-poll" in query else "read"
+    if method == "POST":
+        for name, value in scope["headers"]:
+            if name == b"stream-closed" and value.strip().lower() == b"true":
+                for other, length in scope["headers"]:
+                    if other == b"content-length" and length.strip() == b"0":
+                        return "close"
+    return _OPERATIONS.get(method, "other")
 
 
 def _rfc3339(timestamp: float) -> str:

@@ -105,7 +105,7 @@ class DurableStreamsMiddleware:
                     await app(scope, receive, send)
                 return
         elif kind == "lifespan":
-            await _Lifespan(self.app, self.streams.aclose).run(scope, receive, send)
+            await _Lifespan(self.app, self.streams.aclose, self.streams.startup).run(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -117,9 +117,12 @@ _SHUTDOWN = "lifespan.shutdown"
 class _Lifespan:
     """One run of the lifespan protocol, relayed to the wrapped app, with ``close`` after its shutdown."""
 
-    def __init__(self, app: ASGIApp, close: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self, app: ASGIApp, close: Callable[[], Awaitable[None]], startup: Callable[[], None] = lambda: None
+    ) -> None:
         self.app = app
         self.close = close
+        self.startup = startup
         self.startup_received = False  # the wrapped app has received lifespan.startup
         self.startup_answered = False  # ... and answered it
         self.startup_failed = False
@@ -139,6 +142,8 @@ class _Lifespan:
             kind = message["type"]
             if kind in (f"{_STARTUP}.complete", f"{_STARTUP}.failed"):
                 self.startup_answered = True
+                if kind == f"{_STARTUP}.complete":
+                    self.startup()
                 if kind == f"{_STARTUP}.failed":
                     # The server stops without a shutdown: close now.
                     self.startup_failed = True
@@ -177,6 +182,7 @@ class _Lifespan:
         if not self.startup_answered:
             if not self.startup_received:
                 await receive()  # lifespan.startup
+            self.startup()
             await send({"type": f"{_STARTUP}.complete"})
         if not self.shutdown_received:
             while (await receive())["type"] != _SHUTDOWN:

@@ -106,6 +106,8 @@ class Notifier:
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._saved_retry: Any = None
+        # Resolved while a pub/sub connection is up (readiness probes wait on it).
+        self._up: asyncio.Future[None] | None = None
 
     # -- waiting -------------------------------------------------------------------------------
 
@@ -153,6 +155,24 @@ class Notifier:
         if ch.waiters == 0 and self._channels.get(channel) is ch and not self._closed:
             del self._channels[channel]
             self._spawn(self._send("unsubscribe", channel))
+
+    def wake_all(self) -> None:
+        """Wake every local waiter to re-read (the subscriptions stay as they are)."""
+        for ch in self._channels.values():
+            ch.wake()
+
+    async def ready(self, timeout: float) -> str | None:
+        """None once a pub/sub connection is up (connecting it if none is), else why not."""
+        if self._closed:
+            return "the live notifier is closed"
+        self._ensure_listener()
+        if self._pubsub is not None and self._pubsub.connection is not None and self._pubsub.connection.is_connected:
+            return None
+        if self._up is None or self._up.done():
+            self._up = asyncio.get_running_loop().create_future()
+        if await wait_resolved(self._up, timeout):
+            return None
+        return "the live notifier cannot connect to Redis pub/sub"
 
     # -- pub/sub plumbing ------------------------------------------------------------------------
     #
@@ -258,6 +278,8 @@ class Notifier:
             raise
         pubsub.on_reconnect = self._on_connect
         self._pubsub = pubsub
+        if self._up is not None and not self._up.done():
+            self._up.set_result(None)
         # Waiters that arrived while we subscribed found no connection to send on: catch up.
         for channel in [c for c in self._channels if c not in self._outstanding]:
             self._spawn(self._send("subscribe", channel))

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 from starlette.types import Send
 
-from . import offsets, protocol, sse
+from . import metrics, offsets, protocol, sse
+from .drain import Drain
 from .jsonmode import join_messages
 from .options import Options
 from .protocol import Headers
@@ -24,6 +25,7 @@ class ReadHandlers:
 
     storage: Storage
     options: Options
+    drain: Drain
     _catchup_cache_control: str
     _sse_event_cache: dict[tuple[str, int, int, bool], bytes]
 
@@ -54,9 +56,10 @@ class ReadHandlers:
             await session.serve(request.receive)
             return
         result = await self.storage.read(request.path, start, self.options.max_read_bytes)
+        woken = 0.0
         if live == "long-poll" and not result.items:
             if not result.info.closed:  # closed and at the end: EOF at once, never wait
-                result = await self._long_poll(request, result)
+                result, woken = await self._long_poll(request, result)
             if not result.items:
                 headers = self._stream_headers(result.info, next_position=result.next)
                 headers += [(b"stream-up-to-date", b"true"), (b"cache-control", b"no-store")]
@@ -65,19 +68,33 @@ class ReadHandlers:
                 await self._send(send, request, 204, headers)
                 return
         await self._send_read(send, request, result, now=start is None, live=live is not None)
+        if woken:
+            metrics.current.delivered("long_poll", time.monotonic() - woken)
 
-    async def _long_poll(self, request: _Request, result: ReadResult) -> ReadResult:
+    async def _long_poll(self, request: _Request, result: ReadResult) -> tuple[ReadResult, float]:
+        """Wait for data past ``result``; returns the read that found it (or the last empty one)
+        and, for metrics, when the wake-up that found it arrived (0 if none did)."""
+        drain = self.drain
         deadline = time.monotonic() + self.options.long_poll_timeout
         position = result.next
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return result
-            if not await self.storage.wait_for_data(request.path, position, remaining):
-                return result
-            result = await self.storage.read(request.path, position, self.options.max_read_bytes)
-            if result.items or result.info.closed:
-                return result
+        measure = metrics.current.enabled
+        if measure:
+            metrics.current.live_reader("long_poll", 1)
+        try:
+            while not drain.started:  # draining: answer now, so the client reconnects elsewhere
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if not await self.storage.wait_for_data(request.path, position, remaining):
+                    break
+                woken = time.monotonic()
+                result = await self.storage.read(request.path, position, self.options.max_read_bytes)
+                if result.items or result.info.closed:
+                    return result, woken if measure else 0.0
+            return result, 0.0
+        finally:
+            if measure:
+                metrics.current.live_reader("long_poll", -1)
 
     async def _send_read(self, send: Send, request: _Request, result: ReadResult, *, now: bool, live: bool) -> None:
         info = result.info
@@ -132,6 +149,7 @@ class ReadHandlers:
             first_cursor=int(offsets.next_cursor(request.query.get("cursor"))),
             options=self.options,
             data_event=self._sse_data_event,
+            drain=self.drain,
         )
 
 

@@ -28,7 +28,8 @@ from typing import Any
 
 from starlette.types import Receive, Send
 
-from . import offsets, sse
+from . import metrics, offsets, sse
+from .drain import Drain
 from .options import Options
 from .storage.base import ReadResult, Storage, StorageError, Watch
 
@@ -110,6 +111,7 @@ class SSESession:
         "_data_event",
         "deadline",
         "done",
+        "drain",
         "encode",
         "first",
         "first_cursor",
@@ -127,6 +129,7 @@ class SSESession:
         "ticker",
         "told_up_to_date",
         "watch",
+        "woken",
     )
 
     def __init__(
@@ -140,6 +143,7 @@ class SSESession:
         first_cursor: int,
         options: Options,
         data_event: DataEvent,
+        drain: Drain | None = None,
     ) -> None:
         self.storage = storage
         self.send = send
@@ -163,6 +167,8 @@ class SSESession:
         self.task: asyncio.Task[Any] | None = None
         self.done = False  # nothing more is to be written
         self.listening = False  # the request's task is in its receive() loop
+        self.drain = drain if drain is not None else Drain()
+        self.woken = 0.0  # when a change woke the parked session (for metrics), else 0
 
     # -- the request's task ------------------------------------------------------------------
 
@@ -175,6 +181,9 @@ class SSESession:
         self.listening = True
         self.pump = asyncio.ensure_future(self._pump(first))
         del first
+        measure = metrics.current.enabled
+        if measure:
+            metrics.current.live_reader("sse", 1)
         try:
             while (await receive())["type"] != "http.disconnect":
                 pass
@@ -186,6 +195,8 @@ class SSESession:
             if hasattr(task, "uncancel"):
                 task.uncancel()
         finally:
+            if measure:
+                metrics.current.live_reader("sse", -1)
             self.listening = False
             self.done = True
             self._unpark()
@@ -206,6 +217,8 @@ class SSESession:
         """Something to do (a change, or the ticker): start the pump unless it is running, in
         which case it sees the change before it parks again."""
         if not self.done and self.pump is None:
+            if _future is not None and not self.woken:
+                self.woken = self.loop.time()
             self.pump = asyncio.ensure_future(self._pump(None))
 
     def _park(self, watch: Watch) -> None:
@@ -277,7 +290,18 @@ class SSESession:
             chunk = self._events(shown)
             if chunk:
                 await self._write(chunk)
+                if self.woken and shown.items:
+                    metrics.current.delivered("sse", loop.time() - self.woken)
+            self.woken = 0.0
             if result.at_end:
+                await self._end()
+                return
+            if self.drain.started:
+                # The server is stopping: a last control event says where this reader is, and
+                # the end of the response sends it to reconnect (to another server) from there.
+                self.position = shown.next
+                cursor = max(self.first_cursor, offsets.current_cursor_interval())
+                await self._write(control_event(shown.next, cursor, self.told_up_to_date, False))
                 await self._end()
                 return
             # Resume after what was sent; wait for data past what was read (a split character's

@@ -11,8 +11,10 @@ through the same storage call (and, on Redis, the same script and notification).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -23,13 +25,16 @@ from urllib.parse import quote
 from starlette.applications import Starlette
 
 from . import offsets, protocol
-from .app import Authorize, durable_streams_app
+from .app import Authorize, durable_streams_app, streams_handler
+from .drain import Drain, on_stop_signals
 from .generation import Generation, GenerationRunner, WriteOptions
 from .jsonmode import encode_message, join_messages, split_messages
 from .protocol import ProtocolError
 from .storage.base import AppendRequest, AppendResult, Producer, Storage, StreamConfig, StreamInfo
 from .storage.common import DEFAULT_CONTENT_TYPE, is_json_content_type
 from .storage.memory import MemoryStorage
+
+logger = logging.getLogger("durable_streams_asgi")
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,7 @@ class DurableStreams:
         mount_path: str = "/v1/stream",
         authorize: Authorize | None = None,
         shutdown_timeout: float = 10.0,
+        drain_on_signals: bool = True,
         **app_options: Any,
     ) -> None:
         self.storage: Storage = storage if storage is not None else MemoryStorage()
@@ -88,6 +94,11 @@ class DurableStreams:
         self.app: Starlette = durable_streams_app(self.storage, authorize=authorize, **app_options)
         self._generations = GenerationRunner(self.storage, shutdown_timeout=shutdown_timeout)
         self._services: list[Service] = []
+        self.drain_on_signals = drain_on_signals
+        self._restore_signals: Callable[[], None] | None = None
+        self._drained: asyncio.Future[None] | None = None
+        self.drain_state: Drain = streams_handler(self.app).drain
+        self.drain_state.on_begin(self._on_drain)
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -246,9 +257,45 @@ class DurableStreams:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
+    def begin_drain(self) -> None:
+        """Start draining (idempotent): SSE readers get a last control event and the end of
+        their response, waiting long-polls are answered, new long-polls and SSE reads answer at
+        once, readiness turns 503, new generations are refused with 503, and running ones get
+        ``shutdown_timeout`` seconds to finish before they are interrupted (their streams end
+        with an error record and are closed). Appends, creates and catch-up reads go on being
+        served. With ``drain_on_signals`` (the default), SIGTERM and SIGINT call this before the
+        ASGI server's own handler; call it yourself from another shutdown hook otherwise."""
+        self.drain_state.begin()
+
+    async def drain(self) -> None:
+        """:meth:`begin_drain`, then wait until running generations have ended."""
+        self.begin_drain()
+        if self._drained is not None:
+            await asyncio.shield(self._drained)
+
+    @property
+    def draining(self) -> bool:
+        return self.drain_state.started
+
+    def _on_drain(self) -> None:
+        logger.info("draining: ending live reads; %d generation(s) running", self._generations.running)
+        self.storage.wake_all()
+        self._drained = self._generations.begin_shutdown()
+
+    def startup(self) -> None:
+        """What a lifespan's startup does: start the services and, with ``drain_on_signals``,
+        chain the drain in front of the server's SIGTERM/SIGINT handlers. Idempotent."""
+        for service in self._services:
+            service.start()
+        if self.drain_on_signals and self._restore_signals is None:
+            self._restore_signals = on_stop_signals(self.begin_drain)
+
     async def aclose(self) -> None:
         """Finish (or, after ``shutdown_timeout``, interrupt) running generations, then close
         the storage."""
+        if self._restore_signals is not None:
+            self._restore_signals()
+            self._restore_signals = None
         await self._generations.shutdown()
         for service in reversed(self._services):
             await service.aclose()
@@ -268,8 +315,7 @@ class DurableStreams:
         @contextlib.asynccontextmanager
         async def manage() -> AsyncIterator[None]:
             try:
-                for service in self._services:
-                    service.start()
+                self.startup()
                 yield
             finally:
                 await self.aclose()

@@ -311,6 +311,17 @@ class Storage(Protocol):
         """
         ...
 
+    def wake_all(self) -> None:
+        """Wake every live waiter of this process (``wait_for_data`` returns True, watches
+        resolve), so that each re-reads and sees why it should stop: a graceful drain."""
+        ...
+
+    async def ready(self) -> str | None:
+        """None when this storage can serve requests and wake live readers now, else a short
+        reason (a readiness probe's answer). Answers within a few seconds whatever the backend's
+        state, and connects what is connected lazily (the live notifier)."""
+        ...
+
     # -- leases: shared ownership of work (a running generation) across processes -------------
     #
     # A lease record outlives its release for about a week, so that its fence keeps growing

@@ -16,6 +16,7 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import replace
 
+from .. import metrics
 from .base import (
     AppendRequest,
     AppendResult,
@@ -308,6 +309,8 @@ class MemoryStorage(MemoryLeases):
         if source is not None:
             source.refs += 1
         self._streams[path] = stream
+        if items and metrics.current.enabled:
+            metrics.current.appended(len(items), size)
         return CreateResult(created=True, info=stream.info())
 
     async def append(self, path: str, request: AppendRequest) -> AppendResult:
@@ -363,6 +366,8 @@ class MemoryStorage(MemoryLeases):
         stream.touch(now)
         if has_data or request.close:
             stream.wake()
+        if has_data and metrics.current.enabled:
+            metrics.current.appended(len(request.items), size)
         return AppendResult(
             stream.info(),
             producer_epoch=producer.epoch if producer else None,
@@ -411,6 +416,13 @@ class MemoryStorage(MemoryLeases):
         changed = self._changed(path, position)
         # Nothing to release: the future is the stream's.
         return resolved_watch() if changed is None else Watch(changed)
+
+    def wake_all(self) -> None:
+        for stream in self._streams.values():
+            stream.wake()
+
+    async def ready(self) -> str | None:
+        return None  # in this process: it serves whenever the process does
 
     async def aclose(self) -> None:
         for stream in self._streams.values():

@@ -44,6 +44,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ResponseError
 
+from .. import metrics
 from ..notifier import Notifier, NotifierUnavailable
 from .base import (
     AppendRequest,
@@ -86,6 +87,15 @@ logger = logging.getLogger("durable_streams_asgi.redis")
 
 _SCRIPTS = ("create", "append", "read", "head", "delete", "fork_ref", "release")
 _READ_ONLY_SCRIPTS = frozenset({"read", "head"})  # (read refreshes a sliding TTL: harmless twice)
+
+
+# How long a readiness check waits for each of Redis and the pub/sub connection (seconds).
+_READY_TIMEOUT = 2.0
+
+
+def _count_appended(items: Sequence[bytes]) -> None:
+    if items and metrics.current.enabled:
+        metrics.current.appended(len(items), sum(map(len, items)))
 
 
 def _load_script(name: str) -> str:
@@ -182,16 +192,20 @@ class RedisStorage(ForkReferences):
             stream = None if script in _READ_ONLY_SCRIPTS else path
             return await self._batcher.call(self._scripts[script], stream, self._keys(path), args, resend=resend)
         except _UNAVAILABLE as exc:
+            metrics.current.storage_error("unavailable")
             raise StorageUnavailable(str(exc)) from exc
         except ResponseError as exc:
+            metrics.current.storage_error("error")
             raise _response_error(exc) from exc
 
     async def _command(self, *args: Any) -> Any:
         try:
             return await self._client.execute_command(*args)
         except _UNAVAILABLE as exc:
+            metrics.current.storage_error("unavailable")
             raise StorageUnavailable(str(exc)) from exc
         except ResponseError as exc:
+            metrics.current.storage_error("error")
             raise _response_error(exc) from exc
 
     @staticmethod
@@ -272,6 +286,7 @@ class RedisStorage(ForkReferences):
             *_entries(items, is_json, self._entry_size),
         )
         if result[0] == b"created":
+            _count_appended(items)
             return CreateResult(created=True, info=_info(result[2:]))
         if result[0] == b"ok" and _info(result[2:]).stream_id == stream_id:
             # Our own stream: the script ran, its reply was lost, and the retry found it.
@@ -300,6 +315,7 @@ class RedisStorage(ForkReferences):
         result = await self._call("append", path, *head, nonce, *entries, resend=(*head, "!" + nonce, *entries))
         status = result[0]
         if status == b"ok":
+            _count_appended(request.items)
             return AppendResult(
                 _info(result[1:]),
                 producer_epoch=producer.epoch if producer else None,
@@ -497,6 +513,19 @@ class RedisStorage(ForkReferences):
             notifier.release(channel, ch)
             return resolved_watch()
         return Watch(future, functools.partial(notifier.release, channel, ch))
+
+    def wake_all(self) -> None:
+        if self._notifier is not None:
+            self._notifier.wake_all()
+
+    async def ready(self) -> str | None:
+        try:
+            await asyncio.wait_for(self._command("PING"), _READY_TIMEOUT)
+        except (StorageError, asyncio.TimeoutError) as exc:
+            return f"Redis does not answer: {exc or 'timeout'}"
+        if self._notifier is None:
+            self._notifier = Notifier(self._client)
+        return await self._notifier.ready(_READY_TIMEOUT)
 
     async def aclose(self) -> None:
         await self._batcher.aclose()

@@ -27,6 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .. import metrics
 from .base import StorageUnavailable
 
 if sys.version_info >= (3, 11, 3):
@@ -171,12 +172,17 @@ class ScriptBatcher:
         Redis had forgotten, now loaded again)."""
         # One deadline for the whole round trip instead of redis-py's one per reply.
         limit = connection.socket_timeout
-        deadline = asyncio.get_running_loop().time() + limit if limit else None
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        deadline = began + limit if limit else None
         try:
             async with _timeout(limit if limit else None):
-                return await self._exchange(connection, batch, deadline)
+                missing = await self._exchange(connection, batch, deadline)
         except asyncio.TimeoutError as exc:
             raise RedisTimeoutError("Timeout talking to Redis") from exc
+        if metrics.current.enabled:
+            metrics.current.storage_round_trip(loop.time() - began, len(batch))
+        return missing
 
     async def _exchange(self, connection: Any, batch: list[_Call], deadline: float | None) -> list[_Call]:
         packed: list[bytes] = []
