@@ -1,87 +1,137 @@
 """Command line: ``durable-streams-asgi serve`` runs a standalone server under uvicorn.
 
-The streams are served at ``/v1/stream/...``. Settings reach worker processes through
-environment variables, because uvicorn starts each worker by importing :func:`server_app`.
+The streams are served at ``/v1/stream/...``, with ``/healthz``, ``/readyz`` and ``/metrics``
+beside them. Every flag also reads an environment variable, ``DURABLE_STREAMS_<FLAG>``
+(``--long-poll-timeout`` reads ``DURABLE_STREAMS_LONG_POLL_TIMEOUT``); a flag given on the command
+line wins over its variable. The settings reach worker processes (uvicorn starts each by
+importing :func:`server_app`) as one JSON document in ``_DURABLE_STREAMS_SERVE``, so the
+variables a user set are never overwritten.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import logging
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
-
-from starlette.types import Receive, Scope, Send
+from importlib import metadata
+from typing import Any
 
 from .middleware import DurableStreamsMiddleware
+from .options import Authorize
+from .settings import ENV_PREFIX, SETTINGS, UsageError, add_settings, check, make_storage
 from .storage.base import Storage
-from .storage.memory import MemoryStorage
+from .streams import DurableStreams
 from .tuning import tune_gc
+
+__all__ = ["SETTINGS", "UsageError", "build_app", "main", "make_storage", "server_app"]
 
 DEFAULT_PORT = 4437  # PROTOCOL.md section 13.1
 MOUNT_PATH = "/v1/stream"
 
-_ENV_STORAGE = "DURABLE_STREAMS_STORAGE"
-_ENV_LONG_POLL = "DURABLE_STREAMS_LONG_POLL_TIMEOUT"
-_ENV_SSE_DURATION = "DURABLE_STREAMS_SSE_MAX_DURATION"
-_ENV_KEY_PREFIX = "DURABLE_STREAMS_KEY_PREFIX"
+# The resolved settings, for worker processes (internal: not a setting's variable).
+_ENV_RESOLVED = "_DURABLE_STREAMS_SERVE"
+
+logger = logging.getLogger("durable_streams_asgi")
 
 
-class UsageError(Exception):
-    """A bad command-line value, reported without a traceback."""
-
-
-def make_storage(spec: str, key_prefix: str = "ds:") -> Storage:
-    """``memory`` or a ``redis://`` / ``rediss://`` URL."""
-    if spec == "memory":
-        return MemoryStorage()
-    if spec.startswith(("redis://", "rediss://", "unix://")):
-        try:
-            from .storage.redis import RedisStorage
-        except ImportError as exc:  # pragma: no cover - depends on the installed version
-            raise UsageError(f"Redis storage is not available: {exc}") from exc
-        try:
-            return RedisStorage.from_url(spec, key_prefix=key_prefix)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from exc
-    raise UsageError(f"unknown storage {spec!r}: use 'memory' or a redis:// URL")
-
-
-async def _outside_streams(scope: Scope, receive: Receive, send: Send) -> None:
-    """Everything but the streams: a health check at ``/healthz``, 404 elsewhere."""
-    if scope["type"] != "http":
-        return  # lifespan: answered by the middleware, which closes the storage on shutdown
-    root = scope.get("root_path", "")
-    path = scope["path"]
-    relative = path[len(root) :] if root and path.startswith(root) else path
-    status, body = (200, b"ok") if relative == "/healthz" else (404, b"not found")
-    headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+def version() -> str:
+    try:
+        return metadata.version("durable-streams-asgi")
+    except metadata.PackageNotFoundError:  # pragma: no cover - run from a bare checkout
+        return "unknown"
 
 
 def build_app(
-    storage: Storage, *, long_poll_timeout: float = 30.0, sse_max_duration: float = 60.0
+    storage: Storage,
+    *,
+    long_poll_timeout: float = 30.0,
+    sse_max_duration: float = 60.0,
+    metrics: bool = True,
+    authorize: Authorize | None = None,
+    shutdown_timeout: float = 8.0,
+    **options: Any,
 ) -> DurableStreamsMiddleware:
     """The standalone server: streams under ``/v1/stream`` (the same middleware host apps use),
-    a health check at ``/healthz``."""
-    return DurableStreamsMiddleware(
-        _outside_streams,
-        prefix=MOUNT_PATH,
-        storage=storage,
+    health checks at ``/healthz`` and ``/readyz``, and metrics at ``/metrics``."""
+    from .ops import enable_metrics, ops_app
+
+    streams = DurableStreams(
+        storage,
+        mount_path=MOUNT_PATH,
         long_poll_timeout=long_poll_timeout,
         sse_max_duration=sse_max_duration,
+        authorize=authorize,
+        shutdown_timeout=shutdown_timeout,
+        **options,
+    )
+    if metrics:
+        enable_metrics()
+        streams.add_service(_WorkerMetrics())
+    return DurableStreamsMiddleware(ops_app(streams, metrics=metrics), prefix=MOUNT_PATH, streams=streams)
+
+
+class _WorkerMetrics:
+    """Takes a stopping worker's live gauges out of the multiprocess sums."""
+
+    def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        from .ops import mark_process_dead
+
+        mark_process_dead()
+
+
+def _authorize(config: dict[str, Any]) -> Authorize | None:
+    """The hook the auth settings ask for: tokens, JWTs, or either."""
+    if not (config["read_token"] or config["write_token"] or config["jwt_secret"] or config["jwt_jwks_url"]):
+        return None
+    from . import auth
+
+    hooks: list[Authorize] = []
+    if config["read_token"] or config["write_token"]:
+        hooks.append(auth.TokenAuth(read_tokens=config["read_token"], write_tokens=config["write_token"]))
+    if config["jwt_secret"] or config["jwt_jwks_url"]:
+        hooks.append(
+            auth.JWTAuth(
+                secret=config["jwt_secret"] or None,
+                jwks_url=config["jwt_jwks_url"] or None,
+                audience=config["jwt_audience"] or None,
+                issuer=config["jwt_issuer"] or None,
+                claim=config["jwt_claim"],
+            )
+        )
+    return hooks[0] if len(hooks) == 1 else auth.any_of(*hooks)
+
+
+def app_from_settings(config: dict[str, Any]) -> DurableStreamsMiddleware:
+    return build_app(
+        make_storage(config["storage"], config["key_prefix"]),
+        long_poll_timeout=config["long_poll_timeout"],
+        sse_max_duration=config["sse_max_duration"],
+        max_body_size=config["max_body_size"],
+        max_messages=config["max_messages"],
+        cors_origins=config["cors_origins"] if config["cors_origins"] != ["*"] else "*",
+        cache_visibility=config["cache_visibility"],
+        authorize=_authorize(config),
+        metrics=config["metrics"],
+        # Generations get most of the drain's bound; closing the rest takes the remainder.
+        shutdown_timeout=max(config["drain_timeout"] - 2.0, config["drain_timeout"] / 2),
     )
 
 
 def server_app() -> DurableStreamsMiddleware:
-    """uvicorn factory: each worker process builds its app from the environment."""
-    app = build_app(
-        make_storage(os.environ.get(_ENV_STORAGE, "memory"), os.environ.get(_ENV_KEY_PREFIX, "ds:")),
-        long_poll_timeout=float(os.environ.get(_ENV_LONG_POLL, "30")),
-        sse_max_duration=float(os.environ.get(_ENV_SSE_DURATION, "60")),
-    )
+    """uvicorn factory: each worker process builds its app from the resolved settings (or, when
+    started by uvicorn directly, from the environment and the defaults)."""
+    resolved = os.environ.get(_ENV_RESOLVED)
+    config = json.loads(resolved) if resolved else vars(_parser().parse_args(["serve"]))
+    app = app_from_settings(config)
     tune_gc()  # this process is ours alone: see tuning.py
     return app
 
@@ -96,103 +146,88 @@ def _http_protocol() -> type[asyncio.Protocol] | str:
     return lean_protocol() or "auto"
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be greater than 0")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="durable-streams-asgi", description="Durable Streams server")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the server (streams at /v1/stream)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    serve.add_argument(
-        "--storage", default="memory", help="'memory' (default) or a Redis URL such as redis://localhost:6379/0"
+    serve = sub.add_parser(
+        "serve",
+        help="run the server (streams at /v1/stream)",
+        description=(
+            "Run the server: streams at /v1/stream, /healthz (liveness), /readyz (readiness), /metrics "
+            f"(Prometheus). Every flag also reads the environment variable {ENV_PREFIX}<FLAG> (for "
+            f"--long-poll-timeout: {ENV_PREFIX}LONG_POLL_TIMEOUT); a flag on the command line wins."
+        ),
     )
-    serve.add_argument("--key-prefix", default="ds:", help="prefix of every Redis key (default 'ds:')")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (Redis storage only for N > 1)")
-    serve.add_argument(
-        "--long-poll-timeout", type=_positive_float, default=30.0, help="seconds a long-poll waits (default 30)"
-    )
-    serve.add_argument(
-        "--sse-max-duration",
-        type=_positive_float,
-        default=60.0,
-        help="seconds before an SSE connection is closed for the client to reconnect (default 60)",
-    )
-    serve.add_argument(
-        "--head-timeout",
-        type=_positive_float,
-        default=10.0,
-        help="seconds a request head may take to arrive, once its first byte has (default 10; then 408)",
-    )
-    serve.add_argument(
-        "--body-timeout",
-        type=_positive_float,
-        default=60.0,
-        help="seconds a request body may take to arrive after its head (default 60; then the connection closes)",
-    )
-    serve.add_argument(
-        "--max-head-size",
-        type=int,
-        default=64 * 1024,
-        help="most bytes of URL and headers one request may have (default 65536; then 431)",
-    )
-    serve.add_argument(
-        "--limit-concurrency",
-        type=int,
-        default=10_000,
-        help="most connections and requests a worker holds at once; more get 503 (default 10000)",
-    )
-    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_settings(serve)
     return parser
 
 
+def _multiprocess_metrics(config: dict[str, Any]) -> None:
+    """Several workers share one /metrics through prometheus_client's multiprocess mode: a
+    directory every worker writes to, made empty here (unless the user chose one)."""
+    if not config["metrics"] or config["workers"] < 2:
+        return
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return  # the user's own: they clear it between runs, as prometheus_client documents
+    directory = tempfile.mkdtemp(prefix="durable-streams-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    import atexit
+
+    atexit.register(shutil.rmtree, directory, True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
-        if args.workers < 1:
-            raise UsageError("--workers must be at least 1")
-        if args.max_head_size < 1024 or args.limit_concurrency < 1:
-            raise UsageError("--max-head-size must be at least 1024 and --limit-concurrency at least 1")
-        if args.storage == "memory" and args.workers > 1:
-            raise UsageError("memory storage lives in one process: use --workers 1, or Redis storage")
+        args = _parser().parse_args(argv)
+        config = vars(args)
+        check(config)
         # Fail fast on a bad value, before any worker starts (nothing connects yet).
-        asyncio.run(make_storage(args.storage, args.key_prefix).aclose())
+        asyncio.run(make_storage(config["storage"], config["key_prefix"]).aclose())
+        _authorize(config)
     except UsageError as exc:
+        print(f"durable-streams-asgi: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
         print(f"durable-streams-asgi: {exc}", file=sys.stderr)
         return 2
 
     import uvicorn
 
-    os.environ[_ENV_STORAGE] = args.storage
-    os.environ[_ENV_LONG_POLL] = str(args.long_poll_timeout)
-    os.environ[_ENV_SSE_DURATION] = str(args.sse_max_duration)
-    os.environ[_ENV_KEY_PREFIX] = args.key_prefix
+    from .ops.logs import log_config
+
+    _multiprocess_metrics(config)  # before anything imports prometheus_client in this process
+    os.environ[_ENV_RESOLVED] = json.dumps(config)
     # The lean protocol's client limits, read by every worker (see uvicorn_protocol.py).
-    os.environ["DURABLE_STREAMS_HEAD_TIMEOUT"] = str(args.head_timeout)
-    os.environ["DURABLE_STREAMS_BODY_TIMEOUT"] = str(args.body_timeout)
-    os.environ["DURABLE_STREAMS_MAX_HEAD_SIZE"] = str(args.max_head_size)
+    os.environ[f"{ENV_PREFIX}HEAD_TIMEOUT"] = str(config["head_timeout"])
+    os.environ[f"{ENV_PREFIX}BODY_TIMEOUT"] = str(config["body_timeout"])
+    os.environ[f"{ENV_PREFIX}MAX_HEAD_SIZE"] = str(config["max_head_size"])
+    ssl: dict[str, Any] = {}
+    if config["ssl_certfile"]:
+        ssl = {"ssl_certfile": config["ssl_certfile"], "ssl_keyfile": config["ssl_keyfile"] or None}
+        if config["ssl_keyfile_password"]:
+            ssl["ssl_keyfile_password"] = config["ssl_keyfile_password"]
+    level = config["log_level"]
     uvicorn.run(
         "durable_streams_asgi.cli:server_app",
         factory=True,
         http=_http_protocol(),
         ws="none",  # the standalone server serves no websockets
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level=args.log_level,
-        access_log=args.log_level in ("info", "debug"),
+        host=config["host"],
+        port=config["port"],
+        workers=config["workers"],
+        log_level=level,
+        log_config=log_config(level, config["log_format"]),
+        access_log=config["access_log"] and level in ("info", "debug"),
         server_header=False,  # one header less per response, and no version advertised
-        timeout_graceful_shutdown=5,
-        limit_concurrency=args.limit_concurrency,
-        h11_max_incomplete_event_size=args.max_head_size,  # where uvicorn's own h11 protocol serves
+        # The drain (drain.py) ends live reads at once; this bounds the rest.
+        timeout_graceful_shutdown=config["drain_timeout"],
+        limit_concurrency=config["limit_concurrency"],
+        h11_max_incomplete_event_size=config["max_head_size"],  # where uvicorn's own h11 protocol serves
+        proxy_headers=config["proxy_headers"],
+        forwarded_allow_ips=config["forwarded_allow_ips"],
+        root_path=config["root_path"],
+        **ssl,
     )
     return 0
 

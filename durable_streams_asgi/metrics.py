@@ -31,6 +31,9 @@ class Metrics:
     def live_reader(self, mode: str, delta: int) -> None:
         """A live reader (``long_poll`` or ``sse``) started (+1) or ended (-1) waiting."""
 
+    def woken(self, mode: str) -> None:
+        """A waiting live reader was woken by a change (or a reconnect) and reads again."""
+
     def delivered(self, mode: str, seconds: float) -> None:
         """A woken live reader had its data written ``seconds`` after its wake-up arrived."""
 

@@ -88,6 +88,8 @@ class ReadHandlers:
                 if not await self.storage.wait_for_data(request.path, position, remaining):
                     break
                 woken = time.monotonic()
+                if measure:
+                    metrics.current.woken("long_poll")
                 result = await self.storage.read(request.path, position, self.options.max_read_bytes)
                 if result.items or result.info.closed:
                     return result, woken if measure else 0.0

@@ -219,6 +219,7 @@ class SSESession:
         if not self.done and self.pump is None:
             if _future is not None and not self.woken:
                 self.woken = self.loop.time()
+                metrics.current.woken("sse")
             self.pump = asyncio.ensure_future(self._pump(None))
 
     def _park(self, watch: Watch) -> None:

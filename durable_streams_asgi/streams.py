@@ -85,7 +85,7 @@ class DurableStreams:
         *,
         mount_path: str = "/v1/stream",
         authorize: Authorize | None = None,
-        shutdown_timeout: float = 10.0,
+        shutdown_timeout: float = 8.0,
         drain_on_signals: bool = True,
         **app_options: Any,
     ) -> None:

@@ -1,0 +1,201 @@
+"""Prometheus metrics for the hooks of :mod:`durable_streams_asgi.metrics`.
+
+Built on ``prometheus_client``. Under several worker processes (``serve --workers N``, gunicorn)
+set ``PROMETHEUS_MULTIPROC_DIR`` to an empty directory before the workers start, as
+``prometheus_client`` documents: each process then writes its values to files there and
+:func:`metrics_app` adds them up, so any worker answers for all of them. The standalone server
+does this itself.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from starlette.types import Receive, Scope, Send
+
+from .. import metrics
+
+# Latency buckets (seconds) from well under a millisecond (an append on memory) to seconds.
+_FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+def multiprocess_dir() -> str | None:
+    """The directory of ``prometheus_client``'s multiprocess mode, when it is on."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir") or None
+
+
+class PrometheusMetrics(metrics.Metrics):
+    """Every hook as a Prometheus metric named ``durable_streams_*``."""
+
+    enabled = True
+
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
+        ns = "durable_streams"
+        r = registry
+        self.requests = Counter(
+            "requests",
+            "HTTP requests answered, by operation and status",
+            ["operation", "status"],
+            namespace=ns,
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "request_duration_seconds",
+            "Time to answer a request that is not a live read, by operation",
+            ["operation"],
+            namespace=ns,
+            registry=r,
+            buckets=_FAST_BUCKETS,
+        )
+        self.unavailable = Counter(
+            "unavailable_responses",
+            "Requests answered 503 (storage down, draining)",
+            namespace=ns,
+            registry=r,
+        )
+        self.appended_messages = Counter(
+            "appended_messages", "Messages (JSON) or chunks written to streams", namespace=ns, registry=r
+        )
+        self.appended_bytes = Counter("appended_bytes", "Bytes written to streams", namespace=ns, registry=r)
+        self.live_readers = Gauge(
+            "live_readers",
+            "Live reads waiting or streaming, by mode",
+            ["mode"],
+            namespace=ns,
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.wakeups = Counter(
+            "live_wakeups", "Live readers woken to read again, by mode", ["mode"], namespace=ns, registry=r
+        )
+        self.delivery_seconds = Histogram(
+            "delivery_latency_seconds",
+            "From a live reader's wake-up to its data written to the connection, by mode",
+            ["mode"],
+            namespace=ns,
+            registry=r,
+            buckets=_FAST_BUCKETS,
+        )
+        self.storage_seconds = Histogram(
+            "storage_round_trip_seconds",
+            "Round trips to the storage server (Redis), each a pipelined batch of commands",
+            namespace=ns,
+            registry=r,
+            buckets=_FAST_BUCKETS,
+        )
+        self.storage_commands = Counter(
+            "storage_commands", "Commands sent to the storage server in those round trips", namespace=ns, registry=r
+        )
+        self.storage_errors = Counter(
+            "storage_errors", "Failed storage calls, by kind (unavailable, error)", ["kind"], namespace=ns, registry=r
+        )
+        self.generations_active = Gauge(
+            "generations_active",
+            "Generations writing a stream now",
+            namespace=ns,
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.generations_finished = Counter(
+            "generations_finished", "Generations that ended, by outcome", ["outcome"], namespace=ns, registry=r
+        )
+        # Label lookups take a lock and a tuple each time: keep the children.
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def request(self, operation: str, status: int, seconds: float | None) -> None:
+        self._child(self.requests, operation, str(status) if status else "none").inc()
+        if seconds is not None:
+            self._child(self.request_seconds, operation).observe(seconds)
+        if status == 503:
+            self.unavailable.inc()
+
+    def appended(self, messages: int, size: int) -> None:
+        self.appended_messages.inc(messages)
+        self.appended_bytes.inc(size)
+
+    def live_reader(self, mode: str, delta: int) -> None:
+        self._child(self.live_readers, mode).inc(delta)
+
+    def woken(self, mode: str) -> None:
+        self._child(self.wakeups, mode).inc()
+
+    def delivered(self, mode: str, seconds: float) -> None:
+        self._child(self.delivery_seconds, mode).observe(seconds)
+
+    def storage_round_trip(self, seconds: float, commands: int) -> None:
+        self.storage_seconds.observe(seconds)
+        self.storage_commands.inc(commands)
+
+    def storage_error(self, kind: str) -> None:
+        self._child(self.storage_errors, kind).inc()
+
+    def generation(self, delta: int, outcome: str | None = None) -> None:
+        self.generations_active.inc(delta)
+        if outcome is not None:
+            self._child(self.generations_finished, outcome).inc()
+
+
+def enable_metrics(registry: CollectorRegistry | None = REGISTRY) -> PrometheusMetrics:
+    """Record this process's metrics in ``registry`` (the default: ``prometheus_client``'s, so
+    a host app's own ``/metrics`` shows them too). Idempotent: the first call's metrics stay."""
+    if isinstance(metrics.current, PrometheusMetrics):
+        return metrics.current
+    installed = PrometheusMetrics(registry)
+    metrics.install(installed)
+    return installed
+
+
+def exposition(registry: CollectorRegistry | None = None) -> bytes:
+    """The text exposition: every worker's values in multiprocess mode, else ``registry``'s."""
+    directory = multiprocess_dir()
+    if registry is None and directory is not None:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=directory)
+    return generate_latest(registry if registry is not None else REGISTRY)
+
+
+def metrics_app(registry: CollectorRegistry | None = None) -> Any:
+    """An ASGI app answering every GET with :func:`exposition` (mount it at ``/metrics``)."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await respond(send, 200, exposition(registry), CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def mark_process_dead(pid: int | None = None) -> None:
+    """In multiprocess mode, drop a finished worker's live gauges (live readers, generations)
+    from the sums; the standalone server calls it as each worker shuts down."""
+    directory = multiprocess_dir()
+    if directory is not None:
+        multiprocess.mark_process_dead(pid if pid is not None else os.getpid(), directory)
+
+
+async def respond(send: Send, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+    headers = [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
