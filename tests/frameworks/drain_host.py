@@ -47,7 +47,5 @@ async def healthz(request: Request) -> Response:
     return PlainTextResponse("ok")
 
 
-app = Starlette(
-    routes=[Route("/generate", generate, methods=["POST"]), Route("/healthz", healthz), Mount("/v1/stream", streams.app)],
-    lifespan=streams.lifespan,
-)
+routes = [Route("/generate", generate, methods=["POST"]), Route("/healthz", healthz), Mount("/v1/stream", streams.app)]
+app = Starlette(routes=routes, lifespan=streams.lifespan)
