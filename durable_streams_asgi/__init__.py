@@ -7,6 +7,7 @@ app.mount("/v1/stream", durable_streams_app())
 from __future__ import annotations
 
 from .app import AccessDenied, Authorize, Options, durable_streams_app, durable_streams_lifespan
+from .auth import JWTAuth, TokenAuth, any_of
 from .generation import Generation, generation_response, reconnect_response
 from .middleware import DurableStreamsMiddleware, streams_mount
 from .storage.base import (
@@ -50,6 +51,7 @@ __all__ = [
     "DurableStreamsMiddleware",
     "Generation",
     "InvalidProducerSeq",
+    "JWTAuth",
     "MemoryStorage",
     "OffsetOutOfRange",
     "Options",
@@ -68,6 +70,8 @@ __all__ = [
     "StreamGone",
     "StreamInfo",
     "StreamNotFound",
+    "TokenAuth",
+    "any_of",
     "durable_streams_app",
     "durable_streams_lifespan",
     "generation_response",
