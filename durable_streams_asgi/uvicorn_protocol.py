@@ -18,24 +18,61 @@ connection is closed; uvicorn itself waits for a head forever and takes one of a
 request body within ``body_timeout`` seconds of its head. The CLI sets them (``serve
 --head-timeout``, ...) through the environment, which every worker process inherits.
 
-It leans on uvicorn's internals, so the CLI uses it only with the uvicorn versions it was checked
-against (:func:`lean_protocol`), and the conformance suite runs against the CLI.
+It leans on uvicorn's internals, so the CLI uses it only with the uvicorn releases it was checked
+against (``SUPPORTED_UVICORN``), and only when those internals are where it expects them
+(:func:`lean_protocol_status` says why not, for the CLI to warn). Anything that only a live
+connection shows is checked on first use: a missing piece turns the lean parts off for the rest of
+the process (one warning), leaving uvicorn's own protocol underneath, rather than failing requests.
+The conformance suite runs against the CLI.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
+import inspect
+import logging
 import os
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import uvicorn
+from uvicorn.protocols.http import flow_control, httptools_impl
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-# Checked against these: the attributes replaced below, and where uvicorn makes them.
+# The uvicorn releases the internals below were checked against, as a requirement (for messages
+# and pip) and as (low, high) for comparing; tests/test_uvicorn_protocol.py keeps them in step.
+SUPPORTED_UVICORN = ">=0.30,<0.55"
 _TESTED = ((0, 30), (0, 55))
+
+# What is taken from uvicorn beyond its public interface. Methods overridden (calling uvicorn's):
+_PROTOCOL_METHODS = (
+    "connection_made",
+    "connection_lost",
+    "data_received",
+    "on_message_begin",
+    "on_headers_complete",
+    "on_message_complete",
+    "on_response_complete",  # pops the pipeline: _Pipeline's interface
+)
+# Set by HttpToolsProtocol.__init__ and read or replaced here (checked on the first connection).
+_PROTOCOL_ATTRIBUTES = ("loop", "cycle", "pipeline", "transport", "flow")
+# A request cycle's, read by the limits and replaced (message_event) per request.
+_CYCLE_ATTRIBUTES = ("message_event", "response_started", "response_complete", "disconnected")
+# Everything FlowControl.__init__ sets: _FlowControl sets the same without calling it.
+_FLOW_ATTRIBUTES = frozenset({"_transport", "read_paused", "write_paused", "_is_writable_event"})
+# The methods the stand-ins have, against those uvicorn's source calls on what they replace.
+_SIGNAL_METHODS = frozenset({"set", "clear", "is_set", "wait"})
+_PIPELINE_METHODS = frozenset({"appendleft", "pop"})
+
+_OFF_EFFECT = (
+    "the server runs on uvicorn's own HTTP protocol, which does not enforce --head-timeout, "
+    "--body-timeout or --max-head-size (a slow or oversized request head is held as long as the "
+    "client likes) and costs more memory per idle connection"
+)
 
 
 class _Signal:
@@ -176,19 +213,48 @@ _REFUSALS = {
 class LeanHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with small stand-ins for its per-connection queues, a
     response head written with its body, and limits on slow and oversized requests. For servers
-    without websockets (``ws="none"``)."""
+    without websockets (``ws="none"``).
+
+    What it relies on is checked on first use (the first connection, and its first request for
+    what a request cycle has): should anything be missing, the lean parts turn off for the rest of
+    the process, with one warning, and connections are uvicorn's own protocol's."""
+
+    # Why the lean parts are off in this process (None: on); set once, by the first check to fail.
+    off_reason: ClassVar[str | None] = None
+    _checked_connection: ClassVar[bool] = False
+    _checked_cycle: ClassVar[bool] = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.pipeline = _Pipeline()  # type: ignore[assignment]
         self.limits = client_limits()
         self.head_size = 0  # bytes received of the request head under way
         self.awaiting_head = True
         self.guard: asyncio.TimerHandle | None = None
         self.refused = False
+        self.lean = LeanHttpToolsProtocol.off_reason is None
+        if self.lean and not LeanHttpToolsProtocol._checked_connection:
+            LeanHttpToolsProtocol._checked_connection = True
+            missing = list(_missing_internals())  # where lean_protocol_status() was not asked
+            missing += [f"HttpToolsProtocol().{name}" for name in _PROTOCOL_ATTRIBUTES if not hasattr(self, name)]
+            if not missing and not isinstance(self.pipeline, collections.deque):
+                missing.append(f"HttpToolsProtocol().pipeline as a deque (it is a {type(self.pipeline).__name__})")
+            if missing:
+                self._turn_off(f"lacks what it relies on: {'; '.join(missing)}")
+        if self.lean:
+            self.pipeline = _Pipeline()  # type: ignore[assignment]
+
+    def _turn_off(self, why: str) -> None:
+        """This connection goes on as uvicorn's, and so does every later one; said once."""
+        self._unguard()
+        self.lean = False
+        if LeanHttpToolsProtocol.off_reason is None:
+            LeanHttpToolsProtocol.off_reason = why
+            logging.getLogger("uvicorn.error").warning("%s", _off(f"uvicorn {uvicorn.__version__} {why}"))
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if not self.lean:
+            return
         self.flow = _FlowControl(transport)
         self.transport = _Coalescing(transport, self.loop)  # type: ignore[assignment]
         # Connected and silent is a head that does not come either.
@@ -228,7 +294,7 @@ class LeanHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self.guard is None:  # the next request on a kept-alive connection: its head's clock
+        if self.lean and self.guard is None:  # the next request on a kept-alive connection: its head's clock
             self._guard(self.limits.head_timeout, b"request head not received in time")
 
     def on_message_complete(self) -> None:
@@ -239,34 +305,115 @@ class LeanHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.refused:
             return
-        counting = self.awaiting_head
+        counting = self.lean and self.awaiting_head
         super().data_received(data)
         # Bytes that arrived while the head was still incomplete (httptools buffers a header
         # until it ends, so its callbacks cannot bound this; a read is at most 256 KiB).
-        if counting and self.awaiting_head and not self.refused:
+        if counting and self.lean and self.awaiting_head and not self.refused:
             self.head_size += len(data)
             if self.head_size > self.limits.max_head_size:
                 self._refuse(431, b"request head too large")
 
     def on_headers_complete(self) -> None:
+        if not self.lean:
+            super().on_headers_complete()
+            return
         # The head is whole: now its body has body_timeout seconds (on_message_complete ends it).
         self.awaiting_head = False
         self._guard(self.limits.body_timeout, b"request body not received in time")
         before = self.cycle
         super().on_headers_complete()
         cycle = self.cycle
-        # A new request cycle (not an upgrade): nothing has waited on or set its event yet.
-        if cycle is not before and cycle is not None and not cycle.message_event.is_set():
+        if cycle is before or cycle is None:
+            return  # an upgrade, or no cycle made: nothing of ours to do
+        if not LeanHttpToolsProtocol._checked_cycle:
+            LeanHttpToolsProtocol._checked_cycle = True
+            missing = [f"RequestResponseCycle().{name}" for name in _CYCLE_ATTRIBUTES if not hasattr(cycle, name)]
+            if missing:
+                self._turn_off(f"lacks what it relies on: {'; '.join(missing)}")
+                return
+        # A new request cycle: nothing has waited on or set its event yet.
+        if not cycle.message_event.is_set():
             cycle.message_event = _Signal()  # type: ignore[assignment]
 
 
-def lean_protocol() -> type[asyncio.Protocol] | None:
-    """The lean protocol class, or None where this uvicorn was not checked (then use uvicorn's)."""
+def _version(text: str) -> tuple[int, int] | None:
+    match = re.match(r"(\d+)\.(\d+)", text)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def _methods_called(module: Any, attribute: str) -> set[str] | None:
+    """The methods ``module``'s source calls on ``<something>.<attribute>``; None where the
+    source cannot be read (a frozen or compiled install: the version range is then the guard)."""
     try:
-        version = tuple(int(part) for part in uvicorn.__version__.split(".")[:2])
-    except ValueError:
+        source = inspect.getsource(module)
+    except (OSError, TypeError):
         return None
+    return set(re.findall(rf"\b{attribute}\.(\w+)\(", source))
+
+
+@functools.lru_cache(maxsize=1)
+def _missing_internals() -> tuple[str, ...]:
+    """What the lean protocol relies on and this uvicorn lacks, each naming the attribute (empty:
+    all there). Checked without a server; see LeanHttpToolsProtocol for what needs a connection."""
+    missing = [
+        f"HttpToolsProtocol.{name}()"
+        for name in _PROTOCOL_METHODS
+        if not callable(getattr(HttpToolsProtocol, name, None))
+    ]
+    try:
+        made = set(vars(FlowControl(_NO_TRANSPORT)))
+    except Exception as exc:  # a changed constructor: report it, as any other mismatch
+        missing.append(f"FlowControl(transport) ({type(exc).__name__}: {exc})")
+    else:
+        if made != _FLOW_ATTRIBUTES:
+            missing.append(f"FlowControl attributes {sorted(_FLOW_ATTRIBUTES)} (it sets {sorted(made)})")
+    for module, attribute, has in (
+        (httptools_impl, "pipeline", _PIPELINE_METHODS),
+        (httptools_impl, "message_event", _SIGNAL_METHODS),
+        (flow_control, "_is_writable_event", _SIGNAL_METHODS),
+    ):
+        called = _methods_called(module, attribute)
+        if called is not None and not called <= has:
+            extra = ", ".join(sorted(called - has))
+            missing.append(f"{attribute}.{{{extra}}}() (uvicorn calls it; the stand-in has {', '.join(sorted(has))})")
+    return tuple(missing)
+
+
+class _NoTransport:
+    """Enough of a transport for FlowControl's constructor, which only stores it."""
+
+
+_NO_TRANSPORT: Any = _NoTransport()
+
+
+def _off(why: str) -> str:
+    return (
+        f"durable-streams-asgi: the lean HTTP protocol is off: {why}; {_OFF_EFFECT}. "
+        f"To keep those limits: pip install 'uvicorn{SUPPORTED_UVICORN}', or upgrade durable-streams-asgi."
+    )
+
+
+def lean_protocol_status() -> tuple[type[asyncio.Protocol] | None, str]:
+    """The lean protocol class and a line saying it is on, or None and the warning to log: which
+    uvicorn this is, why the lean protocol is not used, what that costs, and what to do."""
+    installed = uvicorn.__version__
+    version = _version(installed)
+    if version is None:
+        return None, _off(f"uvicorn {installed!r} has a version number this package cannot read")
     low, high = _TESTED
     if not (low <= version < high):
-        return None
-    return LeanHttpToolsProtocol
+        checked = f"is not one of the releases it was checked against ({SUPPORTED_UVICORN})"
+        return None, _off(f"uvicorn {installed} {checked}")
+    missing = _missing_internals()
+    if missing:
+        return None, _off(f"uvicorn {installed} lacks what it relies on: {'; '.join(missing)}")
+    if LeanHttpToolsProtocol.off_reason is not None:
+        return None, _off(f"uvicorn {installed} {LeanHttpToolsProtocol.off_reason}")
+    return LeanHttpToolsProtocol, f"lean HTTP protocol on (uvicorn {installed}, checked: {SUPPORTED_UVICORN})"
+
+
+def lean_protocol() -> type[asyncio.Protocol] | None:
+    """The lean protocol class, or None where this uvicorn was not checked or lacks what it
+    relies on (then use uvicorn's; :func:`lean_protocol_status` says why)."""
+    return lean_protocol_status()[0]

@@ -1,36 +1,238 @@
 """The standalone server's leaner uvicorn protocol: its stand-ins behave like what they replace,
-and a real server on it handles pipelining, back-pressure and live reads."""
+and a real server on it handles pipelining, back-pressure and live reads. And where the lean
+protocol is not used (a uvicorn outside the checked range, or missing what it relies on), the
+server still serves, on uvicorn's own protocol, and says why."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import os
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import uvicorn
 
-from durable_streams_asgi import cli
+from durable_streams_asgi import cli, uvicorn_protocol
 from durable_streams_asgi.storage.memory import MemoryStorage
-from durable_streams_asgi.uvicorn_protocol import LeanHttpToolsProtocol, _Signal, lean_protocol
+from durable_streams_asgi.uvicorn_protocol import (
+    _TESTED,
+    SUPPORTED_UVICORN,
+    LeanHttpToolsProtocol,
+    _missing_internals,
+    _Signal,
+    lean_protocol,
+    lean_protocol_status,
+)
 
-from .conftest import free_port, running_server, spawn, stop
+from .conftest import free_port, running_server, spawn, sse_events, stop
+
+TEXT = {"Content-Type": "text/plain"}
 
 
-def test_the_cli_serves_with_the_lean_protocol_on_this_uvicorn() -> None:
-    assert lean_protocol() is LeanHttpToolsProtocol
-    assert cli._http_protocol() is LeanHttpToolsProtocol
+def in_checked_range(version: str) -> bool:
+    """Whether ``version`` is inside SUPPORTED_UVICORN (read here independently of the module)."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return match is not None and _TESTED[0] <= (int(match[1]), int(match[2])) < _TESTED[1]
+
+
+def skip_unless_lean() -> None:
+    """For tests of the lean protocol itself: on a uvicorn it is not used with, they test nothing
+    the server does (the checks below say whether that uvicorn should have had it)."""
+    protocol, why = lean_protocol_status()
+    if protocol is None:
+        pytest.skip(why)
+
+
+def test_the_supported_range_is_one_range() -> None:
+    low, high = _TESTED
+    assert SUPPORTED_UVICORN == f">={low[0]}.{low[1]},<{high[0]}.{high[1]}"
+
+
+def test_the_cli_uses_the_lean_protocol_exactly_where_this_uvicorn_was_checked() -> None:
+    """Inside the range, the lean protocol (and its client limits) must be on; outside it, off,
+    with a warning that says which uvicorn, what is lost, and what to do."""
+    protocol, why = lean_protocol_status()
+    if in_checked_range(uvicorn.__version__):
+        assert protocol is LeanHttpToolsProtocol, why
+        assert lean_protocol() is LeanHttpToolsProtocol
+        assert cli._http_protocol() is LeanHttpToolsProtocol
+    else:
+        assert protocol is None and lean_protocol() is None
+        assert cli._http_protocol() == "auto"
+        assert f"uvicorn {uvicorn.__version__}" in why and "--head-timeout" in why
+        assert f"pip install 'uvicorn{SUPPORTED_UVICORN}'" in why
+
+
+def test_the_uvicorn_internals_the_lean_protocol_relies_on_are_there() -> None:
+    """What a new uvicorn release inside the range would break first: the methods overridden, what
+    FlowControl's constructor sets (the stand-in sets the same without calling it), and the methods
+    uvicorn's source calls on the queues the stand-ins replace. Each failure names the attribute."""
+    missing = _missing_internals()
+    if not in_checked_range(uvicorn.__version__):
+        found = "; ".join(missing) or "none missing: worth checking the range against this release"
+        pytest.skip(f"uvicorn {uvicorn.__version__} is outside {SUPPORTED_UVICORN}; internals: {found}")
+    assert not missing, f"uvicorn {uvicorn.__version__} lacks: " + "; ".join(missing)
+    # What only a connection has is checked on the first one: a request through the lean server
+    # (below) leaves the lean parts on, which test_the_app_serves_on_every_protocol_the_cli_may_pick
+    # asserts after its requests.
 
 
 def test_an_unchecked_uvicorn_gets_its_own_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
-    for version in ("0.29.0", "0.99.1", "1.0.0", "dev"):
+    for version in ("0.29.0", "0.55.0", "0.99.1", "1.0.0", "dev"):
         monkeypatch.setattr(uvicorn, "__version__", version)
-        assert lean_protocol() is None, version
+        protocol, why = lean_protocol_status()
+        assert protocol is None and lean_protocol() is None, version
+        assert cli._http_protocol() == "auto"
+        assert repr(version) in why if version == "dev" else f"uvicorn {version} " in why
+        for limit in ("--head-timeout", "--body-timeout", "--max-head-size"):
+            assert limit in why
+        assert f"pip install 'uvicorn{SUPPORTED_UVICORN}'" in why and "upgrade durable-streams-asgi" in why
+
+
+def test_missing_internals_within_the_range_turn_the_lean_protocol_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uvicorn, "__version__", f"{_TESTED[0][0]}.{_TESTED[0][1]}.0")
+    monkeypatch.setattr(uvicorn_protocol, "_missing_internals", lambda: ("HttpToolsProtocol.on_response_complete()",))
+    protocol, why = lean_protocol_status()
+    assert protocol is None and cli._http_protocol() == "auto"
+    assert "lacks what it relies on: HttpToolsProtocol.on_response_complete()" in why
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "_missing_internals",  # what is checked without a server, where the status was not asked
+        "_PROTOCOL_ATTRIBUTES",  # what only a connection has
+        "_CYCLE_ATTRIBUTES",  # what only a request cycle has: found mid-request, on the first one
+    ],
+)
+async def test_a_lean_server_missing_an_internal_serves_as_uvicorns_own(
+    broken: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Handed the lean class directly (as running_server is), it still checks on first use, and
+    on finding something missing goes on as uvicorn's protocol: one warning, no failed request."""
+    skip_unless_lean()
+    if broken == "_missing_internals":
+        monkeypatch.setattr(uvicorn_protocol, broken, lambda: ("FlowControl.no_such_attribute",))
+    else:
+        monkeypatch.setattr(uvicorn_protocol, broken, (*getattr(uvicorn_protocol, broken), "no_such_attribute"))
+    for flag in ("off_reason", "_checked_connection", "_checked_cycle"):  # a fresh process's (and restored after)
+        monkeypatch.setattr(LeanHttpToolsProtocol, flag, None if flag == "off_reason" else False)
+    records, logger = _Records(), logging.getLogger("uvicorn.error")
+    app = cli.build_app(MemoryStorage(), long_poll_timeout=5, sse_max_duration=5)
+    async with running_server(app, http=LeanHttpToolsProtocol) as url:
+        logger.addHandler(records)  # now: starting, uvicorn configures its loggers afresh
+        try:
+            await exercise(url)
+            # And the next connections are uvicorn's too (a 200 KiB head is no 431 of ours).
+            async with httpx.AsyncClient(base_url=url) as client:
+                assert (await client.get("/healthz", headers={"X-Big": "a" * 200_000})).status_code == 200
+        finally:
+            logger.removeHandler(records)
+    assert LeanHttpToolsProtocol.off_reason is not None and "no_such_attribute" in LeanHttpToolsProtocol.off_reason
+    warnings = [m for m in records.messages if "lean HTTP protocol is off" in m]
+    assert len(warnings) == 1 and "no_such_attribute" in warnings[0] and "--max-head-size" in warnings[0]
+    assert lean_protocol_status()[0] is None  # and the process's status says so
+
+
+async def exercise(url: str) -> None:
+    """What a client of the standalone server does: health check, create, append, catch-up,
+    long-poll woken by an append, and SSE tailing an append."""
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        assert (await client.get("/healthz")).text == "ok"
+        streams = f"{url}/v1/stream"
+        r = await client.put(f"{streams}/s", headers=TEXT, content=b"hello ")
+        assert r.status_code == 201
+        r = await client.post(f"{streams}/s", headers=TEXT, content=b"world")
+        assert r.status_code == 204
+        tail = r.headers["stream-next-offset"]
+        r = await client.get(f"{streams}/s", params={"offset": "-1"})
+        assert (r.status_code, r.content, r.headers["stream-next-offset"]) == (200, b"hello world", tail)
+
+        poll = asyncio.create_task(client.get(f"{streams}/s", params={"offset": tail, "live": "long-poll"}))
+        await asyncio.sleep(0.2)
+        assert not poll.done()  # waiting for data
+        await client.post(f"{streams}/s", headers=TEXT, content=b"!")
+        r = await poll
+        assert (r.status_code, r.content) == (200, b"!")
+        tail = r.headers["stream-next-offset"]
+
+        seen: list[tuple[str, str]] = []
+        params = {"offset": tail, "live": "sse"}
+        async with client.stream("GET", f"{streams}/s", params=params) as response:
+            assert response.headers["content-type"] == "text/event-stream"
+            async for event, data in sse_events(response):
+                seen.append((event, data))
+                if event == "control" and len(seen) == 1:  # caught up: now something to tail
+                    await client.post(f"{streams}/s", headers={**TEXT, "Stream-Closed": "true"}, content=b"bye")
+        # The stream's close ends the SSE response.
+    assert [e for e, _ in seen] == ["control", "data", "control"]
+    assert seen[1][1] == "bye" and json.loads(seen[2][1])["streamClosed"] is True
+
+
+# What _http_protocol may hand uvicorn: the lean class, or "auto", which is httptools where the
+# 'fast' extra is installed and h11 where not.
+PROTOCOLS: dict[str, Any] = {"lean": LeanHttpToolsProtocol, "httptools": "httptools", "h11": "h11"}
+
+
+@pytest.mark.parametrize("http", list(PROTOCOLS))
+async def test_the_app_serves_on_every_protocol_the_cli_may_pick(http: str) -> None:
+    if http == "lean":
+        skip_unless_lean()
+    app = cli.build_app(MemoryStorage(), long_poll_timeout=5, sse_max_duration=5)
+    async with running_server(app, http=PROTOCOLS[http]) as url:
+        await exercise(url)
+    if http == "lean":  # what only a live connection and request show was there
+        assert LeanHttpToolsProtocol.off_reason is None
+
+
+# The CLI as it runs where uvicorn is a release the lean protocol was not checked against.
+NEWER_UVICORN = """\
+import sys
+
+import uvicorn
+
+uvicorn.__version__ = "0.99.0"
+
+from durable_streams_asgi.cli import main
+
+sys.exit(main())
+"""
+
+
+def test_the_cli_on_an_unchecked_uvicorn_serves_on_uvicorns_protocol(tmp_path: Path) -> None:
+    """The fallback end to end: the real CLI, its flags and uvicorn's own protocol."""
+    (tmp_path / "newer_uvicorn.py").write_text(NEWER_UVICORN)
+    port = free_port()
+    args = ["newer_uvicorn", "serve", "--port", str(port), "--log-level", "warning"]
+    args += ["--head-timeout", "1", "--body-timeout", "1", "--max-head-size", "4096", "--long-poll-timeout", "5"]
+    # python -m finds newer_uvicorn in its working directory; the package is installed.
+    process = spawn(args, tmp_path / "server.log", f"http://127.0.0.1:{port}/healthz", cwd=tmp_path)
+    try:
+        asyncio.run(exercise(f"http://127.0.0.1:{port}"))
+        # uvicorn's own protocol: the head-size limit the warning says is lost is indeed not there.
+        r = httpx.get(f"http://127.0.0.1:{port}/healthz", headers={"X-Big": "a" * 8000})
+        assert r.status_code == 200
+    finally:
+        stop(process)
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
 
 
 async def test_signal_behaves_like_an_asyncio_event() -> None:
@@ -54,6 +256,7 @@ async def test_signal_behaves_like_an_asyncio_event() -> None:
 
 @contextlib.asynccontextmanager
 async def lean_server() -> AsyncIterator[int]:
+    skip_unless_lean()
     app = cli.build_app(MemoryStorage(), long_poll_timeout=5)
     async with running_server(app, http=LeanHttpToolsProtocol) as url:
         yield int(url.rsplit(":", 1)[1])
@@ -192,6 +395,7 @@ def exchange(port: int, data: bytes, wait: float = 5.0) -> tuple[bytes, float]:
 
 
 def test_slow_and_oversized_clients_are_cut_off(strict_server: int) -> None:
+    skip_unless_lean()  # the lean protocol's limits (the CLI warns where they are off)
     port = strict_server
     # Half a request head, then nothing: 408 once the head time is up, and closed.
     answer, took = exchange(port, b"GET /v1/stream/x HTTP/1.1\r\nHost: a\r\n")
