@@ -138,12 +138,21 @@ def server_app() -> DurableStreamsMiddleware:
 
 def _http_protocol() -> type[asyncio.Protocol] | str:
     """uvicorn's httptools protocol with smaller per-connection queues where this uvicorn and
-    httptools allow (see uvicorn_protocol.py); otherwise uvicorn's own choice."""
+    httptools allow (see uvicorn_protocol.py); otherwise uvicorn's own choice, with a warning
+    that says which client limits are then not enforced."""
     try:
-        from .uvicorn_protocol import lean_protocol
-    except ImportError:  # no httptools (the 'fast' extra): uvicorn falls back to h11
+        from .uvicorn_protocol import lean_protocol_status
+    except ImportError as exc:  # no httptools (the 'fast' extra): uvicorn falls back to h11
+        logger.warning(
+            "httptools is not installed (%s): uvicorn serves with h11, and --head-timeout and --body-timeout are "
+            "not enforced; pip install 'durable-streams-asgi[fast]'",
+            exc,
+        )
         return "auto"
-    return lean_protocol() or "auto"
+    protocol, why = lean_protocol_status()
+    if protocol is None:
+        logger.warning("%s", why)
+    return protocol or "auto"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -188,13 +197,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"durable-streams-asgi: {exc}", file=sys.stderr)
         return 2
-    except ImportError as exc:
+    except (ImportError, ValueError) as exc:  # an auth setting its library refuses (a short secret)
         print(f"durable-streams-asgi: {exc}", file=sys.stderr)
         return 2
+
+    import logging.config
 
     import uvicorn
 
     from .ops.logs import log_config
+
+    level = config["log_level"]
+    # Configured here as uvicorn will, so that what is logged before it starts looks the same.
+    logging.config.dictConfig(log_config(level, config["log_format"]))
 
     _multiprocess_metrics(config)  # before anything imports prometheus_client in this process
     os.environ[_ENV_RESOLVED] = json.dumps(config)
@@ -207,7 +222,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         ssl = {"ssl_certfile": config["ssl_certfile"], "ssl_keyfile": config["ssl_keyfile"] or None}
         if config["ssl_keyfile_password"]:
             ssl["ssl_keyfile_password"] = config["ssl_keyfile_password"]
-    level = config["log_level"]
     uvicorn.run(
         "durable_streams_asgi.cli:server_app",
         factory=True,

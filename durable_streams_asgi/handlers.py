@@ -27,6 +27,7 @@ from .storage.base import (
     ContentTypeMismatch,
     Storage,
     StorageError,
+    StorageUnavailable,
     StreamClosed,
     StreamConfig,
     StreamInfo,
@@ -39,7 +40,17 @@ logger = logging.getLogger("durable_streams_asgi")
 class _Request:
     """What a handler needs of one request, decoded once."""
 
-    __slots__ = ("_query", "_repeated", "close_unconfirmed", "headers", "method", "path", "receive", "scope")
+    __slots__ = (
+        "_query",
+        "_repeated",
+        "close_unconfirmed",
+        "headers",
+        "method",
+        "path",
+        "receive",
+        "scope",
+        "status",
+    )
 
     def __init__(self, scope: Scope, receive: Receive, path: str) -> None:
         self.scope = scope
@@ -52,6 +63,8 @@ class _Request:
         self._repeated: set[str] = set()
         #: Authorized as a close-only POST before its body was read (see _authorize).
         self.close_unconfirmed = False
+        #: The response's status, once it started (for metrics).
+        self.status = 0
 
     @property
     def query(self) -> dict[str, str]:
@@ -173,36 +186,15 @@ class DurableStreamsASGI(ReadHandlers):
             all_headers.append((b"content-type", b"text/plain; charset=utf-8"))
         if status not in (204, 304):
             all_headers.append((b"content-length", str(len(body)).encode()))
+        request.status = status
         await send({"type": "http.response.start", "status": status, "headers": all_headers})
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        if metrics.current.enabled:
-            await self._measured(scope, receive, send)
-        else:
-            await self._serve(scope, receive, send)
-
-    async def _measured(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """:meth:`_serve`, counted by operation and status."""
-        status = 0
-
-        async def observed(message: dict[str, object]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]  # type: ignore[assignment]
-            await send(message)
-
-        began = time.perf_counter()
-        try:
-            await self._serve(scope, receive, observed)
-        finally:
-            operation = _operation(scope)
-            live = operation in ("long_poll", "sse")
-            metrics.current.request(operation, status, None if live else time.perf_counter() - began)
-
-    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        measure = metrics.current.enabled
+        began = time.perf_counter() if measure else 0.0
         route_path = scope["path"]
         root = scope.get("root_path", "")
         if root and route_path.startswith(root):
@@ -222,9 +214,17 @@ class DurableStreamsASGI(ReadHandlers):
         except ProtocolError as exc:
             await self._error(send, request, exc)
         except StorageError as exc:
+            if isinstance(exc, StorageUnavailable):
+                logger.warning("storage unavailable: %s %s: %s", request.method, request.path, exc)
             await self._error(send, request, protocol.storage_error(exc))
         except _Disconnected:
             return
+        finally:
+            if measure:
+                # Counted here, by the status the response started with (0: none was sent).
+                operation = _operation(scope)
+                live = operation in ("long_poll", "sse")
+                metrics.current.request(operation, request.status, None if live else time.perf_counter() - began)
 
     async def _authorize(self, request: _Request) -> None:
         """Ask the host application's hook, before any body is read."""
@@ -269,8 +269,6 @@ class DurableStreamsASGI(ReadHandlers):
 
     async def _error(self, send: Send, request: _Request, exc: ProtocolError) -> None:
         headers = [_h(k, v) for k, v in exc.headers.items()]
-        if exc.status == 503:
-            logger.warning("storage unavailable: %s %s", request.method, request.path)
         await self._send(send, request, exc.status, headers, exc.message.encode())
 
     async def _preflight(self, send: Send, request: _Request) -> None:

@@ -141,6 +141,7 @@ class ReadHandlers:
         encode = sse.uses_base64(first.info.content_type)
         headers = self._base_headers(request)
         headers += _SSE_HEADERS_BASE64 if encode else _SSE_HEADERS
+        request.status = 200
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         return SSESession(
             self.storage,

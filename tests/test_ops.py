@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from durable_streams_asgi import DurableStreams, cli
 from durable_streams_asgi.ops import ops_app
+from durable_streams_asgi.ops.prometheus import FLUSH_SECONDS
 from durable_streams_asgi.settings import SETTINGS, Setting
 
 from .conftest import RedisServer, environment, free_port, spawn, stop, unique_prefix
@@ -116,12 +117,22 @@ def test_metrics_count_traffic_across_two_workers(tmp_path: Path, redis_url: str
             assert (await client.get("/v1/stream/missing", params={"offset": "-1"})).status_code == 404
             async with client.stream("GET", "/v1/stream/m", params={"offset": "now", "live": "sse"}) as sse:
                 assert sse.status_code == 200
+                await asyncio.sleep(FLUSH_SECONDS * 2)  # the worker holding the reader has handed it over
                 scrapes = [metric_values((await client.get("/metrics")).text) for _ in range(6)]
         for values in scrapes:  # whichever worker answered, it answered for both
             assert values[("durable_streams_live_readers", (("mode", "sse"),))] == 1.0
 
     try:
         asyncio.run(traffic())
+        # Each worker hands its counts over within FLUSH_SECONDS: wait for the last of them.
+        deadline = time.monotonic() + 10
+        while True:
+            values = metric_values(httpx.get(f"{base}/metrics").text)
+            key = ("durable_streams_requests_total", (("operation", "append"), ("status", "204")))
+            if values.get(key) == appends and values[("durable_streams_live_readers", (("mode", "sse"),))] == 0:
+                break
+            assert time.monotonic() < deadline, values.get(key)
+            time.sleep(FLUSH_SECONDS / 2)
         for _ in range(8):
             values = metric_values(httpx.get(f"{base}/metrics", headers={"connection": "close"}).text)
             assert values[("durable_streams_requests_total", (("operation", "append"), ("status", "204")))] == appends
@@ -323,3 +334,38 @@ def test_help_never_shows_a_secret_from_the_environment() -> None:
         serve_help = cli._parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
     assert "hunter2" not in serve_help and "tok-123" not in serve_help
     assert "DURABLE_STREAMS_JWT_SECRET" in serve_help
+
+
+def test_serve_with_tokens_and_a_jwt_secret(tmp_path: Path) -> None:
+    import jwt
+
+    secret = "s" * 32
+    process, base = serve(tmp_path, "--read-token", "reader", "--write-token", "writer", "--jwt-secret", secret)
+    try:
+        url = f"{base}/v1/stream/chats/1"
+        missing = httpx.put(url, headers=TEXT)
+        assert missing.status_code == 401 and "Bearer" in missing.headers["www-authenticate"]
+        assert httpx.put(url, headers={**TEXT, "authorization": "Bearer reader"}).status_code == 403
+        assert httpx.put(url, headers={**TEXT, "authorization": "Bearer writer"}).status_code == 201
+        assert httpx.get(url, params={"offset": "-1"}, headers={"authorization": "Bearer reader"}).status_code == 200
+        grant = {"ds": {"read": ["/chats/**"], "append": ["/chats/1"]}, "exp": int(time.time()) + 60}
+        token = jwt.encode(grant, secret, algorithm="HS256")
+        bearer = {"authorization": f"Bearer {token}"}
+        assert httpx.post(url, headers={**TEXT, **bearer}, content=b"hi").status_code == 204
+        assert httpx.post(f"{base}/v1/stream/chats/2", headers={**TEXT, **bearer}, content=b"x").status_code == 403
+        assert httpx.delete(url, headers=bearer).status_code == 403
+        expired = jwt.encode({**grant, "exp": int(time.time()) - 120}, secret, algorithm="HS256")
+        refused = httpx.get(url, params={"offset": "-1"}, headers={"authorization": f"Bearer {expired}"})
+        assert refused.status_code == 401 and "expired" in refused.text
+        assert httpx.get(f"{base}/healthz").status_code == 200  # health checks need no token
+    finally:
+        stop(process)
+
+
+def test_a_short_jwt_secret_is_refused_before_serving() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "durable_streams_asgi.cli", "serve", "--jwt-secret", "short"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
