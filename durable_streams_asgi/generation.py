@@ -129,8 +129,8 @@ class GenerationRunner:
 
     def __init__(self, storage: Storage, *, shutdown_timeout: float) -> None:
         self._storage = storage
-        self._tasks: set[asyncio.Task[str]] = set()
-        self._generations: dict[asyncio.Task[str], Generation] = {}
+        # Each running generation by its task (dicts keep insertion order: oldest first).
+        self._tasks: dict[asyncio.Task[str], Generation] = {}
         self.shutdown_timeout = shutdown_timeout
         self._stopping: asyncio.Future[None] | None = None
 
@@ -164,15 +164,13 @@ class GenerationRunner:
         task = asyncio.ensure_future(self._run(path, source, options, holder, finalize))
         generation = Generation(path, task)
         holder.append(generation)
-        self._tasks.add(task)
-        self._generations[task] = generation
+        self._tasks[task] = generation
         task.add_done_callback(self._finished)
         metrics.current.generation(1)
         return generation
 
     def _finished(self, task: asyncio.Task[str]) -> None:
-        self._tasks.discard(task)
-        generation = self._generations.pop(task, None)
+        generation = self._tasks.pop(task, None)
         metrics.current.generation(-1, (generation.outcome if generation else None) or "failed")
         if not task.cancelled() and task.exception() is not None:
             logger.error("generation failed to write its stream", exc_info=task.exception())

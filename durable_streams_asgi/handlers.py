@@ -222,7 +222,7 @@ class DurableStreamsASGI(ReadHandlers):
         finally:
             if measure:
                 # Counted here, by the status the response started with (0: none was sent).
-                operation = _operation(scope)
+                operation = _operation(request)
                 live = operation in ("long_poll", "sse")
                 metrics.current.request(operation, request.status, None if live else time.perf_counter() - began)
 
@@ -240,10 +240,9 @@ class DurableStreamsASGI(ReadHandlers):
             # A close-only POST has no body. Only Content-Length: 0 promises that; without a length
             # (chunked, HTTP/2) the request is taken for a close here, and if a body does come,
             # _post asks again, for "append", before anything is written.
-            length = h.get("content-length", "").strip()
-            if protocol.parse_closed(h.get("stream-closed")) and length in ("", "0"):
+            if _close_only(h):
                 action = "close"
-                request.close_unconfirmed = length == ""
+                request.close_unconfirmed = h.get("content-length", "").strip() == ""
             else:
                 action = "append"
         checks = [(action, request.path)]
@@ -421,20 +420,27 @@ class DurableStreamsASGI(ReadHandlers):
 _OPERATIONS = {"HEAD": "head", "PUT": "create", "POST": "append", "DELETE": "delete", "OPTIONS": "preflight"}
 
 
-def _operation(scope: Scope) -> str:
+def _close_only(headers: dict[str, str]) -> bool:
+    """A POST that closes the stream and, as far as its head says, carries no body (only
+    ``Content-Length: 0`` promises that; without a length a body may still come)."""
+    length = headers.get("content-length", "").strip()
+    return protocol.parse_closed(headers.get("stream-closed")) and length in ("", "0")
+
+
+def _operation(request: _Request) -> str:
     """The metrics' name for what a request does."""
-    method = scope["method"]
+    method = request.method
     if method == "GET":
-        query: bytes = scope.get("query_string", b"")
+        # From the raw query: an SSE response has let go of its parsed one by now.
+        query: bytes = request.scope.get("query_string", b"")
         if b"live=sse" in query:
             return "sse"
         return "long_poll" if b"live=long-poll" in query else "read"
     if method == "POST":
-        for name, value in scope["headers"]:
-            if name == b"stream-closed" and value.strip().lower() == b"true":
-                for other, length in scope["headers"]:
-                    if other == b"content-length" and length.strip() == b"0":
-                        return "close"
+        # Counted as a close only when its head promised no body: one without a length may
+        # have carried data, which made it an append.
+        h = request.headers
+        return "close" if _close_only(h) and h.get("content-length", "").strip() == "0" else "append"
     return _OPERATIONS.get(method, "other")
 
 

@@ -166,7 +166,7 @@ class Notifier:
         if self._closed:
             return "the live notifier is closed"
         self._ensure_listener()
-        if self._pubsub is not None and self._pubsub.connection is not None and self._pubsub.connection.is_connected:
+        if self._connected(self._pubsub):
             return None
         if self._up is None or self._up.done():
             self._up = asyncio.get_running_loop().create_future()
@@ -181,6 +181,10 @@ class Notifier:
     # wakes every waiter, drops the connection and starts a new generation. Waiters' own
     # SUBSCRIBE/UNSUBSCRIBE commands go out on the current generation when there is one; if one
     # fails, the next generation resubscribes what is needed.
+
+    @staticmethod
+    def _connected(pubsub: _PubSub | None) -> bool:
+        return pubsub is not None and pubsub.connection is not None and pubsub.connection.is_connected
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run a subscription command as a task of the notifier's own, not of a waiter."""
@@ -197,7 +201,7 @@ class Notifier:
     async def _send(self, command: str, channel: bytes) -> None:
         self._ensure_listener()
         pubsub = self._pubsub
-        if pubsub is None or pubsub.connection is None or not pubsub.connection.is_connected:
+        if pubsub is None or not self._connected(pubsub):
             # Between generations (or the connection just died): the listener's next generation
             # subscribes every channel with waiters. Sending now would let redis-py reconnect this
             # connection behind the listener's back.

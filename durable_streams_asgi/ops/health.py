@@ -31,10 +31,11 @@ def _parts(streams: Any) -> tuple[Storage, Drain]:
 async def readiness(streams: Any) -> str | None:
     """None when ``streams`` can serve now, else why not (``"draining"``, or the storage's
     reason)."""
-    storage, drain = _parts(streams)
-    if drain.started:
-        return "draining"
-    return await storage.ready()
+    return await _ready(*_parts(streams))
+
+
+async def _ready(storage: Storage, drain: Drain) -> str | None:
+    return "draining" if drain.started else await storage.ready()
 
 
 def ops_app(
@@ -74,7 +75,7 @@ def ops_app(
         elif relative == health_path:
             await respond(send, 200, b"ok")
         elif relative == ready_path:
-            reason = "draining" if drain.started else await storage.ready()
+            reason = await _ready(storage, drain)
             if reason is None:
                 await respond(send, 200, b"ready")
             else:

@@ -10,6 +10,7 @@ does this itself.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from typing import Any
 
@@ -54,68 +55,36 @@ class PrometheusMetrics(metrics.Metrics):
     enabled = True
 
     def __init__(self, registry: CollectorRegistry | None = REGISTRY, *, request_durations: bool = False) -> None:
-        ns = "durable_streams"
-        r = registry
-        self.requests = Counter("requests", "HTTP requests answered", ["operation", "status"], namespace=ns, registry=r)
+        # Every metric is durable_streams_* in ``registry``.
+        counter = functools.partial(Counter, namespace="durable_streams", registry=registry)
+        gauge = functools.partial(Gauge, namespace="durable_streams", registry=registry, multiprocess_mode="livesum")
+        histogram = functools.partial(Histogram, namespace="durable_streams", registry=registry, buckets=_FAST_BUCKETS)
+        self.requests = counter("requests", "HTTP requests answered", ["operation", "status"])
         self.request_seconds: Histogram | None = None
         if request_durations:
-            self.request_seconds = Histogram(
+            self.request_seconds = histogram(
                 "request_duration_seconds",
                 "Time to answer a request that is not a live read, by operation",
                 ["operation"],
-                namespace=ns,
-                registry=r,
-                buckets=_FAST_BUCKETS,
             )
-        self.unavailable = Counter(
-            "unavailable_responses", "Requests answered 503 (storage down, draining)", namespace=ns, registry=r
-        )
-        self.appended_messages = Counter(
-            "appended_messages", "Messages (JSON) or chunks written to streams", namespace=ns, registry=r
-        )
-        self.appended_bytes = Counter("appended_bytes", "Bytes written to streams", namespace=ns, registry=r)
-        self.live_readers = Gauge(
-            "live_readers",
-            "Live reads waiting or streaming, by mode",
-            ["mode"],
-            namespace=ns,
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.wakeups = Counter(
-            "live_wakeups", "Live readers woken to read again, by mode", ["mode"], namespace=ns, registry=r
-        )
-        self.delivery_seconds = Histogram(
+        self.unavailable = counter("unavailable_responses", "Requests answered 503 (storage down, draining)")
+        self.appended_messages = counter("appended_messages", "Messages (JSON) or chunks written to streams")
+        self.appended_bytes = counter("appended_bytes", "Bytes written to streams")
+        self.live_readers = gauge("live_readers", "Live reads waiting or streaming, by mode", ["mode"])
+        self.wakeups = counter("live_wakeups", "Live readers woken to read again, by mode", ["mode"])
+        self.delivery_seconds = histogram(
             "delivery_latency_seconds",
             "From a live reader's wake-up to its data written to the connection, by mode",
             ["mode"],
-            namespace=ns,
-            registry=r,
-            buckets=_FAST_BUCKETS,
         )
-        self.storage_seconds = Histogram(
+        self.storage_seconds = histogram(
             "storage_round_trip_seconds",
             "Round trips to the storage server (Redis), each a pipelined batch of commands",
-            namespace=ns,
-            registry=r,
-            buckets=_FAST_BUCKETS,
         )
-        self.storage_commands = Counter(
-            "storage_commands", "Commands sent to the storage server in those round trips", namespace=ns, registry=r
-        )
-        self.storage_errors = Counter(
-            "storage_errors", "Failed storage calls, by kind (unavailable, error)", ["kind"], namespace=ns, registry=r
-        )
-        self.generations_active = Gauge(
-            "generations_active",
-            "Generations writing a stream now",
-            namespace=ns,
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.generations_finished = Counter(
-            "generations_finished", "Generations that ended, by outcome", ["outcome"], namespace=ns, registry=r
-        )
+        self.storage_commands = counter("storage_commands", "Commands sent to the storage server in those round trips")
+        self.storage_errors = counter("storage_errors", "Failed storage calls, by kind (unavailable, error)", ["kind"])
+        self.generations_active = gauge("generations_active", "Generations writing a stream now")
+        self.generations_finished = counter("generations_finished", "Generations that ended, by outcome", ["outcome"])
         # (metric, label values) -> amount not yet handed to prometheus_client.
         self._pending: dict[tuple[Any, ...], float] = {}
         self._flush_at: asyncio.TimerHandle | None = None

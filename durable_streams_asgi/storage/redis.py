@@ -488,10 +488,14 @@ class RedisStorage(ForkReferences):
     async def wait_for_data(self, path: str, position: int, timeout: float) -> bool:
         return await wait_for_data(self, path, position, timeout)
 
-    async def watch(self, path: str, position: int) -> Watch:
+    def _live(self) -> Notifier:
+        """This storage's notifier, made on first use (it connects lazily too)."""
         if self._notifier is None:
             self._notifier = Notifier(self._client)
-        notifier, channel = self._notifier, self._channel(path)
+        return self._notifier
+
+    async def watch(self, path: str, position: int) -> Watch:
+        notifier, channel = self._live(), self._channel(path)
         try:
             ch = await notifier.acquire(channel)
         except NotifierUnavailable as exc:
@@ -523,9 +527,7 @@ class RedisStorage(ForkReferences):
             await asyncio.wait_for(self._command("PING"), _READY_TIMEOUT)
         except (StorageError, asyncio.TimeoutError) as exc:
             return f"Redis does not answer: {exc or 'timeout'}"
-        if self._notifier is None:
-            self._notifier = Notifier(self._client)
-        return await self._notifier.ready(_READY_TIMEOUT)
+        return await self._live().ready(_READY_TIMEOUT)
 
     async def aclose(self) -> None:
         await self._batcher.aclose()
