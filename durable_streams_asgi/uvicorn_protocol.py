@@ -45,8 +45,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 # The uvicorn releases the internals below were checked against, as a requirement (for messages
 # and pip) and as (low, high) for comparing; tests/test_uvicorn_protocol.py keeps them in step.
-SUPPORTED_UVICORN = ">=0.30,<0.55"
-_TESTED = ((0, 30), (0, 55))
+SUPPORTED_UVICORN = ">=0.30,<0.56"
+_TESTED = ((0, 30), (0, 56))
 
 # What is taken from uvicorn beyond its public interface. Methods overridden (calling uvicorn's):
 _PROTOCOL_METHODS = (
@@ -229,6 +229,7 @@ class LeanHttpToolsProtocol(HttpToolsProtocol):
         self.limits = client_limits()
         self.head_size = 0  # bytes received of the request head under way
         self.awaiting_head = True
+        self.heads_ended = 0  # heads parsed whole on this connection: which reads ended one
         self.guard: asyncio.TimerHandle | None = None
         self.refused = False
         self.lean = LeanHttpToolsProtocol.off_reason is None
@@ -306,10 +307,13 @@ class LeanHttpToolsProtocol(HttpToolsProtocol):
         if self.refused:
             return
         counting = self.lean and self.awaiting_head
+        heads_ended = self.heads_ended
         super().data_received(data)
         # Bytes that arrived while the head was still incomplete (httptools buffers a header
-        # until it ends, so its callbacks cannot bound this; a read is at most 256 KiB).
-        if counting and self.lean and self.awaiting_head and not self.refused:
+        # until it ends, so its callbacks cannot bound this; a read is at most 256 KiB). A read
+        # in which a head ended is not counted: most of it may be that request's body (and a
+        # whole small request can end in it, which makes awaiting_head true again).
+        if counting and self.heads_ended == heads_ended and self.lean and self.awaiting_head and not self.refused:
             self.head_size += len(data)
             if self.head_size > self.limits.max_head_size:
                 self._refuse(431, b"request head too large")
@@ -320,6 +324,7 @@ class LeanHttpToolsProtocol(HttpToolsProtocol):
             return
         # The head is whole: now its body has body_timeout seconds (on_message_complete ends it).
         self.awaiting_head = False
+        self.heads_ended += 1
         self._guard(self.limits.body_timeout, b"request body not received in time")
         before = self.cycle
         super().on_headers_complete()

@@ -87,7 +87,8 @@ def test_the_uvicorn_internals_the_lean_protocol_relies_on_are_there() -> None:
 
 
 def test_an_unchecked_uvicorn_gets_its_own_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
-    for version in ("0.29.0", "0.55.0", "0.99.1", "1.0.0", "dev"):
+    above = f"{_TESTED[1][0]}.{_TESTED[1][1]}.0"  # the first release not checked
+    for version in ("0.29.0", above, "0.99.1", "1.0.0", "dev"):
         monkeypatch.setattr(uvicorn, "__version__", version)
         protocol, why = lean_protocol_status()
         assert protocol is None and lean_protocol() is None, version
@@ -417,6 +418,22 @@ def test_slow_and_oversized_clients_are_cut_off(strict_server: int) -> None:
         assert client.head("/slow").status_code == 404
 
 
+def test_a_large_body_in_the_read_that_ends_its_head_is_no_431(strict_server: int) -> None:
+    """Only head bytes count toward max_head_size: a request whose head and body (past the head
+    limit) arrive in one read is served, and so is a second request in the same read."""
+    skip_unless_lean()
+    port = strict_server
+    body = b"x" * 20000  # five times the 4096-byte head limit of strict_server
+    put = b"PUT /v1/stream/big HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\nContent-Length: 0\r\n\r\n"
+    post = b"POST /v1/stream/big HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\n"
+    post += b"Content-Length: %d\r\n\r\n" % len(body)
+    last = b"GET /v1/stream/big?offset=-1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    answer, _ = exchange(port, put + post + body + last)
+    statuses = [line.split(b" ")[1] for line in answer.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+    assert statuses == [b"201", b"204", b"200"], answer[:300]
+    assert answer.endswith(body)
+
+
 def test_connections_past_the_limit_get_503(strict_server: int) -> None:
     """uvicorn's limit_concurrency, which the CLI sets: SSE readers hold places until none is left."""
     port = strict_server
@@ -435,3 +452,9 @@ def test_connections_past_the_limit_get_503(strict_server: int) -> None:
             sock.close()
     served = answers.index(b"503") if b"503" in answers else len(answers)
     assert served >= 2 and answers[served:] == [b"503"] * (6 - served), answers
+
+
+def test_the_test_extra_holds_uvicorn_to_the_checked_range() -> None:
+    """The main suite runs the lean protocol's tests only if it installs a uvicorn they cover."""
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    assert f'"uvicorn{SUPPORTED_UVICORN}"' in pyproject
