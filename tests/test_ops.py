@@ -369,3 +369,15 @@ def test_a_short_jwt_secret_is_refused_before_serving() -> None:
         text=True,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_the_readme_documents_every_setting() -> None:
+    """The README's table of the standalone server's settings names each flag and its variable."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("### Configuration of the standalone server", 1)[1].split("\n### ", 1)[0]
+    rows = {line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| `--")}
+    for setting in SETTINGS:
+        flag = f"`--[no-]{setting.flag[2:]}`" if setting.boolean else f"`{setting.flag}`"
+        assert flag in rows, flag
+        assert f"`{setting.env}`" in section, setting.env
+    assert len(rows) == len(SETTINGS)
