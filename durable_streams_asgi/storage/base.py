@@ -100,6 +100,15 @@ class StorageFull(StorageError):
     streams); nothing was written."""
 
 
+class RecordConflict(StorageError):
+    """A record changed (or appeared, or went) since the version a conditional write expected;
+    nothing was written. ``current`` is the record as it is now (None: absent)."""
+
+    def __init__(self, key: str, current: Record | None) -> None:
+        super().__init__(key)
+        self.current = current
+
+
 # --------------------------------------------------------------------------------------------
 # Values passed in and out.
 
@@ -215,6 +224,26 @@ class Lease:
     expires_at_ms: int
     #: Taken and neither released nor past its deadline.
     held: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A small document of shared control state (a subscription, a signing key) in a *space*.
+
+    ``version`` changes with every write, and is never reused within the space (not even after a
+    delete), so a conditional write that expects it cannot land on a newer record. ``now_ms`` is
+    the storage's clock when the record was read: deadlines stored in records use that clock,
+    the one every process shares.
+    """
+
+    key: str
+    version: int
+    value: bytes
+    now_ms: int
+
+
+#: An append observer: ``(path, start, end)``, the positions the append wrote between.
+AppendObserver = Callable[[str, int, int], None]
 
 
 class Watch:
@@ -355,6 +384,43 @@ class Storage(Protocol):
         """Up to ``limit`` leases whose key starts with ``prefix`` that are taken, not released,
         and past their deadline: their holder stopped renewing them (it died). A caller takes one
         over with ``acquire_lease``, which exactly one concurrent caller wins."""
+        ...
+
+    # -- records: small shared documents (subscriptions, keys), changed by compare-and-set ---------
+
+    async def get_record(self, space: str, key: str) -> Record | None:
+        """The record ``key`` of ``space``, or None."""
+        ...
+
+    async def put_record(self, space: str, key: str, value: bytes, expected_version: int) -> Record:
+        """Write the record if its version is ``expected_version`` (0: it must not exist), in one
+        atomic step across processes; the record as written. Raises :class:`RecordConflict`
+        otherwise, writing nothing."""
+        ...
+
+    async def delete_record(self, space: str, key: str, expected_version: int) -> None:
+        """Delete the record if its version is ``expected_version``; raises :class:`RecordConflict`
+        otherwise (an absent record conflicts with every version but 0, and deleting it with 0
+        does nothing)."""
+        ...
+
+    async def list_records(self, space: str) -> tuple[int, list[Record]]:
+        """The storage's clock (ms) and every record of ``space``, in no particular order. Meant
+        for control state: a space holds hundreds or thousands of records, not millions."""
+        ...
+
+    async def scan_streams(self, prefix: str, cursor: str = "", count: int = 1000) -> tuple[list[str], str]:
+        """Paths of streams whose path starts with ``prefix``, a page at a time: returns about
+        ``count`` paths and the cursor of the next page ("" once done). A stream present for the
+        whole scan is returned at least once; one created or deleted meanwhile may or may not be,
+        and a deleted (or soft-deleted) stream may be: check with :meth:`head`."""
+        ...
+
+    def observe_appends(self, observer: AppendObserver) -> Callable[[], None]:
+        """Call ``observer(path, start, end)`` after every create with data and every append with
+        data that this process makes through this storage (not another process's), before the
+        call returns; it returns the function that stops the observation. Observers must be
+        quick and must not raise: they schedule work (a subscription's wake), they do not do it."""
         ...
 
     async def aclose(self) -> None:

@@ -52,6 +52,7 @@ from .common import (
     wait_resolved,
 )
 from .memory_leases import MemoryLeases
+from .memory_records import MemoryRecords
 
 # How often expired streams are swept out, at most (seconds). Expiry itself is exact: every
 # access checks the stream's own deadline; the sweep only frees memory of streams nobody reads.
@@ -205,7 +206,7 @@ class _Stream:
         return info
 
 
-class MemoryStorage(MemoryLeases):
+class MemoryStorage(MemoryLeases, MemoryRecords):
     """Streams held in this process's memory; lost when it exits. One process only.
 
     ``max_bytes`` (default 1 GiB) and ``max_streams`` (default 100,000) bound what it holds, so a
@@ -309,8 +310,11 @@ class MemoryStorage(MemoryLeases):
         if source is not None:
             source.refs += 1
         self._streams[path] = stream
-        if items and metrics.current.enabled:
-            metrics.current.appended(len(items), size)
+        if items:
+            if metrics.current.enabled:
+                metrics.current.appended(len(items), size)
+            if self._append_observers:
+                self._observed(path, base, stream.tail)
         return CreateResult(created=True, info=stream.info())
 
     async def append(self, path: str, request: AppendRequest) -> AppendResult:
@@ -357,6 +361,7 @@ class MemoryStorage(MemoryLeases):
         # Validation passed: nothing below can fail, so the write is all-or-nothing.
         if request.seq is not None:
             stream.last_seq = request.seq
+        start = stream.tail
         stream.add(request.items)
         self.bytes += size
         if producer is not None:
@@ -366,8 +371,11 @@ class MemoryStorage(MemoryLeases):
         stream.touch(now)
         if has_data or request.close:
             stream.wake()
-        if has_data and metrics.current.enabled:
-            metrics.current.appended(len(request.items), size)
+        if has_data:
+            if metrics.current.enabled:
+                metrics.current.appended(len(request.items), size)
+            if self._append_observers:
+                self._observed(path, start, stream.tail)
         return AppendResult(
             stream.info(),
             producer_epoch=producer.epoch if producer else None,
@@ -389,6 +397,13 @@ class MemoryStorage(MemoryLeases):
 
     async def head(self, path: str) -> StreamInfo:
         return self._get(path, self._now()).info()
+
+    async def scan_streams(self, prefix: str, cursor: str = "", count: int = 1000) -> tuple[list[str], str]:
+        # Paths in order, the cursor the last one returned: a page is the next ``count`` after it.
+        now = self._now()
+        paths = sorted(p for p, s in self._streams.items() if p.startswith(prefix) and p > cursor and not s.deleted)
+        page = [p for p in paths[:count] if not self._streams[p].expired(now)]
+        return page, (paths[count - 1] if len(paths) > count else "")
 
     async def delete(self, path: str) -> None:
         self._delete(self._get(path, self._now()))

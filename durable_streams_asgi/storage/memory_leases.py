@@ -15,6 +15,7 @@ class MemoryLeases:
     """The lease half of :class:`~durable_streams_asgi.storage.memory.MemoryStorage`."""
 
     def __init__(self) -> None:
+        super().__init__()  # the storage's other halves (records)
         self._leases: dict[str, Lease] = {}
 
     @staticmethod

@@ -56,6 +56,7 @@ from .base import (
     OffsetOutOfRange,
     ProducerSeqGap,
     ReadResult,
+    Record,
     SequenceConflict,
     StaleEpoch,
     StorageError,
@@ -76,12 +77,14 @@ from .common import (
     resolved_watch,
     wait_for_data,
 )
+from .memory_records import AppendObservers
 from .redis_batch import ScriptBatcher
 from .redis_errors import UNAVAILABLE as _UNAVAILABLE
 from .redis_errors import response_error as _response_error
 from .redis_forks import ForkReferences
 from .redis_layout import _entries, _escape, _fork_origin, _info, _take, _text
 from .redis_leases import RedisLeases
+from .redis_records import RedisRecords
 
 logger = logging.getLogger("durable_streams_asgi.redis")
 
@@ -98,6 +101,11 @@ def _count_appended(items: Sequence[bytes]) -> None:
         metrics.current.appended(len(items), sum(map(len, items)))
 
 
+def _units(items: Sequence[bytes], is_json: bool) -> int:
+    """How far ``items`` move a stream's tail: messages for JSON, bytes otherwise."""
+    return sum(1 for item in items if item) if is_json else sum(map(len, items))
+
+
 def _load_script(name: str) -> str:
     lua = resources.files(__package__).joinpath("lua")
     return lua.joinpath("common.lua").read_text() + "\n" + lua.joinpath(f"{name}.lua").read_text()
@@ -107,7 +115,7 @@ class StreamDataMissing(StorageError):
     """Redis lost data the metadata says exists (evicted, or a replica behind): a server fault."""
 
 
-class RedisStorage(ForkReferences):
+class RedisStorage(ForkReferences, AppendObservers):
     """Streams in Redis (>= 6.2, or Valkey), shared by every process that uses the same Redis.
 
     Build it with :meth:`from_url`, or pass a ``redis.asyncio.Redis`` client created with
@@ -132,6 +140,8 @@ class RedisStorage(ForkReferences):
         self._scripts = {name: client.register_script(_load_script(name)) for name in _SCRIPTS}
         self._batcher = ScriptBatcher(client)
         self._leases = RedisLeases(client, key_prefix, self._command)
+        self._records = RedisRecords(client, key_prefix, self._command)
+        AppendObservers.__init__(self)
         # Append nonces: unique across processes (a random prefix) and cheap (a counter, where
         # uuid4 per append cost a urandom system call).
         self._nonce_prefix = uuid.uuid4().hex[:16]
@@ -285,12 +295,13 @@ class RedisStorage(ForkReferences):
             str(base),
             *_entries(items, is_json, self._entry_size),
         )
-        if result[0] == b"created":
+        # "ok" with our id: our own stream, whose script ran and whose reply was lost (the retry found it).
+        if result[0] == b"created" or (result[0] == b"ok" and _info(result[2:]).stream_id == stream_id):
+            info = _info(result[2:])
             _count_appended(items)
-            return CreateResult(created=True, info=_info(result[2:]))
-        if result[0] == b"ok" and _info(result[2:]).stream_id == stream_id:
-            # Our own stream: the script ran, its reply was lost, and the retry found it.
-            return CreateResult(created=True, info=_info(result[2:]))
+            if self._append_observers and items:
+                self._observed(path, info.tail - _units(items, is_json), info.tail)
+            return CreateResult(created=True, info=info)
         return self._existing(result, config)
 
     # -- append ----------------------------------------------------------------------------------
@@ -315,9 +326,12 @@ class RedisStorage(ForkReferences):
         result = await self._call("append", path, *head, nonce, *entries, resend=(*head, "!" + nonce, *entries))
         status = result[0]
         if status == b"ok":
+            info = _info(result[1:])
             _count_appended(request.items)
+            if self._append_observers and has_data:
+                self._observed(path, info.tail - _units(request.items, is_json), info.tail)
             return AppendResult(
-                _info(result[1:]),
+                info,
                 producer_epoch=producer.epoch if producer else None,
                 producer_seq=producer.seq if producer else None,
             )
@@ -482,6 +496,23 @@ class RedisStorage(ForkReferences):
 
     async def expired_leases(self, prefix: str, limit: int = 100) -> list[Lease]:
         return await self._leases.expired_leases(prefix, limit)
+
+    # -- records ---------------------------------------------------------------------------------
+
+    async def get_record(self, space: str, key: str) -> Record | None:
+        return await self._records.get_record(space, key)
+
+    async def put_record(self, space: str, key: str, value: bytes, expected_version: int) -> Record:
+        return await self._records.put_record(space, key, value, expected_version)
+
+    async def delete_record(self, space: str, key: str, expected_version: int) -> None:
+        await self._records.delete_record(space, key, expected_version)
+
+    async def list_records(self, space: str) -> tuple[int, list[Record]]:
+        return await self._records.list_records(space)
+
+    async def scan_streams(self, prefix: str, cursor: str = "", count: int = 1000) -> tuple[list[str], str]:
+        return await self._records.scan_streams(prefix, cursor, count)
 
     # -- live ------------------------------------------------------------------------------------
 

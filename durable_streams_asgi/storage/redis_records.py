@@ -1,0 +1,88 @@
+"""Records on Redis: one hash per space, changed by one compare-and-set script, and stream scans.
+
+``<prefix>{__ds:records:<space>}:r`` holds a space's records (field: key, value:
+``<version>:<bytes>``) and ``...:v`` its version counter; both share a hash tag, so a space lives in
+one Redis Cluster slot and the script touches one slot. Stream paths start with ``/``, so no
+stream's keys can share that tag.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from .base import Record, RecordConflict, StorageUnavailable
+from .redis_errors import UNAVAILABLE, response_error
+from .redis_layout import _escape, _text
+
+_SCRIPT = resources.files(__package__).joinpath("lua").joinpath("record.lua").read_text()
+_GLOB_SPECIALS = str.maketrans({c: "\\" + c for c in "*?[]\\"})
+
+
+def _unescape(text: str) -> str:
+    return text.replace("%7B", "{").replace("%7D", "}").replace("%25", "%")
+
+
+def _record(key: str, stored: bytes, now: int) -> Record:
+    version, _, value = stored.partition(b":")
+    return Record(key, int(version), value, now)
+
+
+class RedisRecords:
+    """The record half of :class:`~durable_streams_asgi.storage.redis.RedisStorage`; it needs only
+    a client, a key prefix and the storage's command runner (which maps errors)."""
+
+    def __init__(self, client: Redis, prefix: str, command: Callable[..., Awaitable[Any]]) -> None:
+        self._script = client.register_script(_SCRIPT)
+        self._client = client
+        self._prefix = prefix
+        self._command = command
+
+    def _keys(self, space: str) -> list[str]:
+        tag = f"{self._prefix}{{__ds:records:{_escape(space)}}}"
+        return [f"{tag}:r", f"{tag}:v"]
+
+    async def _run(self, op: str, space: str, key: str = "", expected: int = 0, value: bytes = b"") -> list[Any]:
+        try:
+            return await self._script(keys=self._keys(space), args=[op, key, expected, value], client=self._client)
+        except UNAVAILABLE as exc:
+            raise StorageUnavailable(str(exc)) from exc
+        except ResponseError as exc:
+            raise response_error(exc) from exc
+
+    async def get_record(self, space: str, key: str) -> Record | None:
+        now, stored, _ = await self._run("get", space, key)
+        return None if stored is None else _record(key, stored, int(now))
+
+    async def put_record(self, space: str, key: str, value: bytes, expected_version: int) -> Record:
+        now, stored, status = await self._run("put", space, key, expected_version, value)
+        current = None if stored is None else _record(key, stored, int(now))
+        if status == b"conflict":
+            # A write whose reply was lost is sent again by the client and then conflicts with
+            # itself: the record holding exactly these bytes is the write's own (or an identical one).
+            if current is not None and current.value == value and expected_version != current.version:
+                return current
+            raise RecordConflict(key, current)
+        assert current is not None
+        return current
+
+    async def delete_record(self, space: str, key: str, expected_version: int) -> None:
+        now, stored, status = await self._run("del", space, key, expected_version)
+        if status == b"conflict":
+            raise RecordConflict(key, None if stored is None else _record(key, stored, int(now)))
+
+    async def list_records(self, space: str) -> tuple[int, list[Record]]:
+        now, flat = await self._run("list", space)
+        return int(now), [_record(_text(flat[i]), flat[i + 1], int(now)) for i in range(0, len(flat), 2)]
+
+    async def scan_streams(self, prefix: str, cursor: str = "", count: int = 1000) -> tuple[list[str], str]:
+        start = len(self._prefix) + 1
+        match = f"{self._prefix.translate(_GLOB_SPECIALS)}{{{_escape(prefix).translate(_GLOB_SPECIALS)}*}}:m"
+        after, keys = await self._command("SCAN", cursor or "0", "MATCH", match, "COUNT", count)
+        paths = [_unescape(_text(key)[start:-3]) for key in keys]
+        after = _text(after)
+        return paths, "" if after == "0" else after
