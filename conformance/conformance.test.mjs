@@ -10,4 +10,7 @@ if (!baseUrl) {
 runConformanceTests({
   baseUrl,
   longPollTimeoutMs: Number(process.env.CONFORMANCE_LONG_POLL_TIMEOUT_MS ?? "1000"),
+  // The reserved subscription APIs (PROTOCOL.md sections 6 and 7); their webhook receivers listen
+  // on 127.0.0.1, so the server runs with --allow-loopback-webhooks.
+  subscriptions: process.env.CONFORMANCE_SUBSCRIPTIONS !== "0",
 })

@@ -77,7 +77,7 @@ def durable_streams_lifespan(*streams_apps: Any) -> Callable[[Any], contextlib.A
             yield
         finally:
             for handler in handlers:
-                await handler.storage.aclose()
+                await handler.aclose()
 
     return lifespan
 
@@ -93,6 +93,8 @@ def durable_streams_app(
     cors_origins: str | Sequence[str] = "*",
     cache_visibility: Literal["public", "private"] = "public",
     authorize: Authorize | None = None,
+    subscriptions: bool = True,
+    allow_loopback_webhooks: bool = False,
 ) -> DurableStreamsApp:
     """A Starlette app serving durable streams at every path below where it is mounted.
 
@@ -105,7 +107,9 @@ def durable_streams_app(
     ``cors_origins`` ``"*"`` or a list of allowed origins; ``cache_visibility`` whether catch-up
     reads are ``public`` or ``private`` in ``Cache-Control``; ``authorize`` a hook
     ``(request, action, path)`` that lets the host application allow or refuse each request
-    (see :data:`Authorize`).
+    (see :data:`Authorize`); ``subscriptions`` whether to serve the subscription API at
+    ``__ds/subscriptions/`` (PROTOCOL.md sections 6 and 7); ``allow_loopback_webhooks`` whether
+    webhooks may go to loopback addresses over http (development and tests only).
     """
     if max_messages < 1:
         raise ValueError("max_messages must be at least 1")
@@ -120,6 +124,8 @@ def durable_streams_app(
         cors_origins=cors_origins,
         cache_visibility=cache_visibility,
         authorize=authorize,
+        subscriptions=subscriptions,
+        allow_loopback_webhooks=allow_loopback_webhooks,
     )
     handler = DurableStreamsASGI(storage if storage is not None else MemoryStorage(), options)
 
@@ -128,9 +134,11 @@ def durable_streams_app(
         # Runs when this app is the top-level ASGI app (not when mounted: see
         # durable_streams_lifespan).
         try:
+            if handler.options.subscriptions:
+                handler.start_subscriptions()
             yield
         finally:
-            await handler.storage.aclose()
+            await handler.aclose()
 
     app = DurableStreamsApp(routes=[Mount("", app=handler)], lifespan=lifespan)
     app.handler = handler

@@ -24,19 +24,19 @@ import urllib.request
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 from starlette.requests import Request
 
+from .globs import PathGlob, glob_match, glob_regex
 from .options import AccessDenied, Authorize
 
 __all__ = ["JWTAuth", "PathGlob", "TokenAuth", "any_of", "glob_match"]
 
 logger = logging.getLogger("durable_streams_asgi.auth")
 
-ACTIONS = ("read", "create", "append", "close", "delete")
-WRITE_ACTIONS = ("create", "append", "close", "delete")
+ACTIONS = ("read", "create", "append", "close", "delete", "subscribe")
+WRITE_ACTIONS = ("create", "append", "close", "delete", "subscribe")
 CHALLENGE = 'Bearer realm="durable-streams"'
 
 _HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
@@ -60,54 +60,6 @@ _TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # visible ASCII: no space, nothing a
 _INSTALL_HINT = "JWTAuth needs PyJWT with cryptography: pip install 'durable-streams-asgi[auth]'"
 
 
-# -- path globs -------------------------------------------------------------------------------------
-
-_ANY_SEGMENTS = "(?:/[^/]*)*"
-
-
-def _glob_regex(pattern: str) -> str:
-    if not isinstance(pattern, str) or not pattern.startswith("/"):
-        raise ValueError(f"a path pattern must start with '/': {pattern!r}")
-    parts: list[str] = []
-    for segment in pattern[1:].split("/"):
-        if segment == "**":
-            # "/**/**" means "/**"; repeating the group would only make failed matches backtrack.
-            if not parts or parts[-1] != _ANY_SEGMENTS:
-                parts.append(_ANY_SEGMENTS)
-        elif "**" in segment:
-            raise ValueError(f"'**' must be a whole segment: {pattern!r}")
-        elif not segment:
-            raise ValueError(f"a path pattern has no empty segments: {pattern!r}")
-        else:
-            parts.append("/" + "[^/]*".join(re.escape(piece) for piece in segment.split("*")))
-    return "".join(parts)
-
-
-class PathGlob:
-    """A stream path pattern: ``*`` matches within one segment (never ``/``), a ``**`` segment any
-    number of whole segments, zero included (``/chats/**`` matches ``/chats`` and ``/chats/1/x``).
-    Every other character matches itself. A pattern starts with ``/``; ValueError otherwise."""
-
-    __slots__ = ("_regex", "pattern")
-
-    def __init__(self, pattern: str) -> None:
-        self.pattern = pattern
-        self._regex = re.compile(_glob_regex(pattern))
-
-    def match(self, path: str) -> bool:
-        return self._regex.fullmatch(path) is not None
-
-
-@lru_cache(maxsize=1024)
-def _compiled(pattern: str) -> PathGlob:
-    return PathGlob(pattern)
-
-
-def glob_match(pattern: str, path: str) -> bool:
-    """Whether ``path`` (``/chats/42/history``) matches ``pattern`` (see :class:`PathGlob`)."""
-    return _compiled(pattern).match(path)
-
-
 class _Grants:
     """What a ``ds`` claim allows: one compiled alternation of its globs per action."""
 
@@ -124,7 +76,7 @@ class _Grants:
             if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
                 raise ValueError(f"{key!r} is not a list of path patterns")
             for target in targets:
-                regexes[target] += [_glob_regex(p) for p in patterns]
+                regexes[target] += [glob_regex(p) for p in patterns]
         self._by_action = {a: re.compile("|".join(f"(?:{r})" for r in rs)) for a, rs in regexes.items() if rs}
 
     def allows(self, action: str, path: str) -> bool:

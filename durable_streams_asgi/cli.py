@@ -121,6 +121,7 @@ def app_from_settings(config: dict[str, Any]) -> DurableStreamsMiddleware:
         cache_visibility=config["cache_visibility"],
         authorize=_authorize(config),
         metrics=config["metrics"],
+        allow_loopback_webhooks=config["allow_loopback_webhooks"],
         # Generations get most of the drain's bound; closing the rest takes the remainder.
         shutdown_timeout=max(config["drain_timeout"] - 2.0, config["drain_timeout"] / 2),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, quote
 
 from starlette.requests import Request
@@ -33,6 +34,9 @@ from .storage.base import (
     StreamInfo,
 )
 from .storage.common import DEFAULT_CONTENT_TYPE, is_json_content_type, same_content_type
+
+if TYPE_CHECKING:
+    from .subscriptions import Subscriptions
 
 logger = logging.getLogger("durable_streams_asgi")
 
@@ -158,6 +162,8 @@ class DurableStreamsASGI(ReadHandlers):
         self._any_origin = origins == "*" or (not isinstance(origins, str) and "*" in origins)
         self._origins = frozenset([origins] if isinstance(origins, str) else origins)
         self._sse_event_cache = {}
+        #: The subscriptions of this storage, started by the first request or by startup().
+        self.subscriptions: Subscriptions | None = None
         # Every response carries these; built once.
         self._common_headers: Headers = [
             *self._security,
@@ -200,9 +206,14 @@ class DurableStreamsASGI(ReadHandlers):
         if root and route_path.startswith(root):
             route_path = route_path[len(root) :]
         request = _Request(scope, receive, route_path)
+        if self.subscriptions is None and self.options.subscriptions:
+            self.start_subscriptions()
         try:
             if request.method == "OPTIONS":
                 await self._preflight(send, request)
+                return
+            if route_path.startswith("/__ds") and (len(route_path) == 5 or route_path[5] == "/"):
+                await self._control(send, request)
                 return
             request.path = protocol.validate_path(route_path)
             handler = self._handlers.get(request.method)
@@ -225,6 +236,44 @@ class DurableStreamsASGI(ReadHandlers):
                 operation = _operation(request)
                 live = operation in ("long_poll", "sse")
                 metrics.current.request(operation, request.status, None if live else time.perf_counter() - began)
+
+    def start_subscriptions(self) -> Subscriptions:
+        """Start serving subscriptions over this storage (idempotent; needs a running loop)."""
+        if self.subscriptions is None:
+            from .subscriptions import Subscriptions  # cryptography and httpx: loaded when used
+
+            self.subscriptions = Subscriptions(
+                self.storage, allow_loopback_webhooks=self.options.allow_loopback_webhooks
+            )
+            self.subscriptions.start()
+        return self.subscriptions
+
+    async def aclose(self) -> None:
+        """Stop the subscriptions' work, then close the storage."""
+        if self.subscriptions is not None:
+            await self.subscriptions.aclose()
+        await self.storage.aclose()
+
+    async def _control(self, send: Send, request: _Request) -> None:
+        """``{root}/__ds/...``: the reserved control API (subscriptions), never a stream."""
+        if not self.options.subscriptions:
+            raise ProtocolError(404, "subscriptions are not served here")
+        from .subscriptions import routes
+
+        full = request.url()
+        root_url = full[: full.find("/__ds")]
+        raw = request.scope.get("raw_path")
+        raw_path = raw.decode("latin-1").split("?", 1)[0] if raw else quote(request.scope["path"])
+        tail = raw_path[raw_path.find("/__ds") + 5 :]
+
+        async def authorize(action: str, path: str) -> None:
+            if self.options.authorize is not None:
+                await self._ask(request, [(action, path)])
+
+        status, headers, body = await routes.handle(
+            self.start_subscriptions(), request.method, tail, request.headers, request.body, root_url, authorize
+        )
+        await self._send(send, request, status, headers, body)
 
     async def _authorize(self, request: _Request) -> None:
         """Ask the host application's hook, before any body is read."""

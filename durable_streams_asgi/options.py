@@ -9,7 +9,8 @@ from typing import Literal
 from starlette.requests import Request
 
 #: ``authorize(request, action, path)``: sync or async; ``action`` is one of ``read``, ``create``,
-#: ``append``, ``close``, ``delete``. Return True (or None) to allow, False to answer 403, or raise
+#: ``append``, ``close``, ``delete``, or ``subscribe`` (the subscription API, with the path
+#: ``/__ds/subscriptions/<id>``). Return True (or None) to allow, False to answer 403, or raise
 #: :class:`AccessDenied` to choose the status (401 to ask for credentials) and message.
 Authorize = Callable[[Request, str, str], "bool | Awaitable[bool | None] | None"]
 
@@ -50,3 +51,7 @@ class Options:
     cors_origins: str | Sequence[str] = "*"
     cache_visibility: Literal["public", "private"] = "public"
     authorize: Authorize | None = None
+    #: Serve the subscription API under ``__ds/`` and wake subscriptions on this process's appends.
+    subscriptions: bool = True
+    #: Let webhooks go to loopback addresses over http: development and tests only.
+    allow_loopback_webhooks: bool = False

@@ -120,6 +120,13 @@ SETTINGS: tuple[Setting, ...] = (
         "seconds from SIGTERM to exit: live reads end at once, running generations get the rest",
     ),
     S("metrics", _boolean, True, "serve Prometheus metrics at /metrics", boolean=True),
+    S(
+        "allow_loopback_webhooks",
+        _boolean,
+        False,
+        "let subscription webhooks call loopback addresses over http (development and tests only)",
+        boolean=True,
+    ),
     S("ssl_certfile", str, "", "serve HTTPS with this certificate (PEM; the chain may follow it)", metavar="FILE"),
     S("ssl_keyfile", str, "", "the certificate's private key (PEM)", metavar="FILE"),
     S("ssl_keyfile_password", str, "", "password of an encrypted private key", secret=True),

@@ -287,6 +287,9 @@ class DurableStreams:
         chain the drain in front of the server's SIGTERM/SIGINT handlers. Idempotent."""
         for service in self._services:
             service.start()
+        handler = streams_handler(self.app)
+        if handler.options.subscriptions:
+            handler.start_subscriptions()  # wakes and retries go on with no request to start them
         if self.drain_on_signals and self._restore_signals is None:
             self._restore_signals = on_stop_signals(self.begin_drain)
 
@@ -299,7 +302,7 @@ class DurableStreams:
         await self._generations.shutdown()
         for service in reversed(self._services):
             await service.aclose()
-        await self.storage.aclose()
+        await streams_handler(self.app).aclose()  # the subscriptions, then the storage
 
     def add_service(self, service: Service) -> None:
         """Run ``service`` (a background worker over these streams, e.g. the chat apps' lease
