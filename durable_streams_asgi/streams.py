@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 from starlette.applications import Starlette
@@ -33,6 +33,9 @@ from .protocol import ProtocolError
 from .storage.base import AppendRequest, AppendResult, Producer, Storage, StreamConfig, StreamInfo
 from .storage.common import DEFAULT_CONTENT_TYPE, is_json_content_type
 from .storage.memory import MemoryStorage
+
+if TYPE_CHECKING:
+    from .subscriptions import Subscriptions
 
 logger = logging.getLogger("durable_streams_asgi")
 
@@ -272,6 +275,13 @@ class DurableStreams:
         self.begin_drain()
         if self._drained is not None:
             await asyncio.shield(self._drained)
+
+    @property
+    def subscriptions(self) -> Subscriptions:
+        """The subscriptions of these streams (PROTOCOL.md sections 6 and 7), in process:
+        ``await streams.subscriptions.create("jobs", {...}, base_url=...)``, ``get``, ``delete``,
+        ``keys.rotate()``. Started on first use."""
+        return streams_handler(self.app).start_subscriptions()
 
     @property
     def draining(self) -> bool:

@@ -126,7 +126,10 @@ async def test_create_confirm_conflict_read_delete(nodes: list[Node], receiver: 
     [
         ({"type": "webhook", "pattern": "a/*", "webhook": {"url": "http://10.0.0.1/hook"}}, "WEBHOOK_URL_REJECTED"),
         ({"type": "webhook", "pattern": "a/*", "webhook": {"url": "https://169.254.169.254/"}}, "WEBHOOK_URL_REJECTED"),
-        ({"type": "webhook", "pattern": "a/*", "webhook": {"url": "https://[::ffff:10.0.0.1]/"}}, "WEBHOOK_URL_REJECTED"),
+        (
+            {"type": "webhook", "pattern": "a/*", "webhook": {"url": "https://[::ffff:10.0.0.1]/"}},
+            "WEBHOOK_URL_REJECTED",
+        ),
         ({"type": "webhook", "pattern": "a/*", "webhook": {"url": "ftp://example.com/"}}, "WEBHOOK_URL_REJECTED"),
         ({"type": "webhook", "pattern": "a/*"}, "INVALID_REQUEST"),
         ({"type": "push", "pattern": "a/*"}, "INVALID_REQUEST"),
@@ -142,7 +145,9 @@ async def test_create_confirm_conflict_read_delete(nodes: list[Node], receiver: 
         ({"type": "pull-wake", "streams": "a", "wake_stream": "w"}, "INVALID_REQUEST"),
     ],
 )
-async def test_bad_configurations_get_400_and_create_nothing(nodes: list[Node], config: dict[str, Any], code: str) -> None:
+async def test_bad_configurations_get_400_and_create_nothing(
+    nodes: list[Node], config: dict[str, Any], code: str
+) -> None:
     a = nodes[0]
     response = await a.put_sub("bad", **config)
     assert response.status_code == 400 and response.json()["error"]["code"] == code, response.text
@@ -151,9 +156,14 @@ async def test_bad_configurations_get_400_and_create_nothing(nodes: list[Node], 
 
 async def test_loopback_webhooks_need_the_option(storage_factory: StorageFactory) -> None:
     streams = DurableStreams(await storage_factory(), drain_on_signals=False)
-    async with streams.lifespan(), httpx.AsyncClient(transport=httpx.ASGITransport(app=streams.app), base_url="http://t") as c:
+    async with (
+        streams.lifespan(),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=streams.app), base_url="http://t") as c,
+    ):
         for url in ("http://127.0.0.1:9/hook", "http://localhost:9/hook", "http://[::1]:9/"):
-            response = await c.put("/__ds/subscriptions/x", json={"type": "webhook", "pattern": "a", "webhook": {"url": url}})
+            response = await c.put(
+                "/__ds/subscriptions/x", json={"type": "webhook", "pattern": "a", "webhook": {"url": url}}
+            )
             assert response.json()["error"]["code"] == "WEBHOOK_URL_REJECTED", url
 
 
@@ -194,7 +204,9 @@ async def test_membership_explicit_and_glob(nodes: list[Node], receiver: Webhook
 # -- webhooks -------------------------------------------------------------------------------------
 
 
-async def test_webhook_done_acks_the_snapshot_and_new_data_wakes_again(nodes: list[Node], receiver: WebhookReceiver) -> None:
+async def test_webhook_done_acks_the_snapshot_and_new_data_wakes_again(
+    nodes: list[Node], receiver: WebhookReceiver
+) -> None:
     a, b = nodes
     receiver.answer = lambda d: (200, {"done": True})
     await a.put_sub("w", type="webhook", pattern="jobs/*", webhook={"url": receiver.url}, lease_ttl_ms=5000)
@@ -251,7 +263,9 @@ async def test_callbacks_ack_extend_and_fence(nodes: list[Node], receiver: Webho
         assert response.status_code == 409 and response.json()["error"]["code"] == code, response.text
     assert (await call({**base, "done": "yes"})).status_code == 400
     assert (await call(base, headers={})).status_code == 401
-    assert (await call(base, headers={"authorization": "Bearer forged.token"})).json()["error"]["code"] == "TOKEN_INVALID"
+    assert (await call(base, headers={"authorization": "Bearer forged.token"})).json()["error"][
+        "code"
+    ] == "TOKEN_INVALID"
     other_url = url.replace("/cb/", "/other/")
     assert (await b.client.post(other_url, json=base, headers=auth)).status_code == 401  # another subscription's token
     assert (await call({**base, "generation": base["generation"] + 1})).json()["error"]["code"] == "FENCED"
@@ -275,7 +289,9 @@ async def test_a_deleted_subscription_refuses_callbacks_and_moves_nothing(
     assert (await b.client.delete("/__ds/subscriptions/del")).status_code == 204
     body = {"wake_id": wake["wake_id"], "generation": wake["generation"], "done": True}
     body["acks"] = [{"stream": "d/1", "offset": wake["streams"][0]["tail_offset"]}]
-    response = await a.client.post(wake["callback_url"], json=body, headers={"authorization": f"Bearer {wake['callback_token']}"})
+    response = await a.client.post(
+        wake["callback_url"], json=body, headers={"authorization": f"Bearer {wake['callback_token']}"}
+    )
     assert response.status_code == 404
     await a.append("d/1", {"x": 2})  # no more wakes
     await asyncio.sleep(0.3)
@@ -318,7 +334,9 @@ def test_backoff_doubles_from_one_second_to_a_minute_with_jitter() -> None:
         assert len(set(samples)) > 1
 
 
-async def test_two_processes_never_send_one_wake_twice(nodes: list[Node], receiver: WebhookReceiver, backend: str) -> None:
+async def test_two_processes_never_send_one_wake_twice(
+    nodes: list[Node], receiver: WebhookReceiver, backend: str
+) -> None:
     """Appends through both processes at once; the receiver holds each webhook a while. Every
     wake arrives once, one at a time, generations in order, and all data ends up acked."""
     a, b = nodes
@@ -377,10 +395,14 @@ async def test_pull_wake_claim_ack_release_and_leases(nodes: list[Node]) -> None
         await asyncio.sleep(0.4)
     assert (await a.client.post("/__ds/subscriptions/p/claim", json={"worker": "w2"})).status_code == 409
     ack = await a.client.post(
-        "/__ds/subscriptions/p/ack", json={**base, "acks": [{"stream": "work/1", "offset": tail}], "done": True}, headers=token
+        "/__ds/subscriptions/p/ack",
+        json={**base, "acks": [{"stream": "work/1", "offset": tail}], "done": True},
+        headers=token,
     )
     assert ack.json() == {"ok": True, "next_wake": False}
-    assert (await a.client.post("/__ds/subscriptions/p/ack", json=base, headers=token)).json()["error"]["code"] == "FENCED"
+    assert (await a.client.post("/__ds/subscriptions/p/ack", json=base, headers=token)).json()["error"][
+        "code"
+    ] == "FENCED"
 
     # New work: claimed at once (the claim finds it), released, and the wake event written again.
     await a.append("work/1", {"n": 2})
@@ -401,7 +423,9 @@ async def test_pull_wake_claim_ack_release_and_leases(nodes: list[Node]) -> None
     fourth = await eventually(taken_over, timeout=5)
     assert fourth["generation"] > third["generation"]
     stale = {"wake_id": third["wake_id"], "generation": third["generation"], "done": True}
-    late = await a.client.post("/__ds/subscriptions/p/ack", json=stale, headers={"authorization": f"Bearer {third['token']}"})
+    late = await a.client.post(
+        "/__ds/subscriptions/p/ack", json=stale, headers={"authorization": f"Bearer {third['token']}"}
+    )
     assert late.json()["error"]["code"] == "FENCED"
 
 
@@ -417,3 +441,26 @@ async def test_a_wake_stream_never_wakes_its_own_subscription(nodes: list[Node])
     claimed = (await a.client.post("/__ds/subscriptions/loop/claim", json={"worker": "w"})).json()
     assert "streams" in claimed, claimed
     assert [s["path"] for s in claimed["streams"]] == ["loop/data"]
+
+
+async def test_the_in_process_api(nodes: list[Node], receiver: WebhookReceiver) -> None:
+    a, b = nodes
+    subs = a.streams.subscriptions
+    view = await subs.create(
+        "api",
+        {"type": "webhook", "streams": ["in/1"], "webhook": {"url": receiver.url}},
+        base_url="https://x.example/v1/stream/",
+    )
+    assert (
+        view["id"] == "api" and view["webhook"]["signing"]["jwks_url"] == "https://x.example/v1/stream/__ds/jwks.json"
+    )
+    await b.streams.create("/in/1", content_type="application/json", messages=[{"n": 1}])  # the in-process API's append
+    wake = (await receiver.wait_for(1))[0].body
+    assert wake["callback_url"] == "https://x.example/v1/stream/__ds/subscriptions/api/callback"
+    old = (await subs.keys.signing_key()).kid
+    new = await subs.keys.rotate()
+    jwks = (await a.client.get("/__ds/jwks.json")).json()
+    assert {old, new} <= {k["kid"] for k in jwks["keys"]}  # the old key stays published
+    with pytest.raises(Exception) as bad:
+        await subs.create("api2", {"type": "webhook"}, base_url="https://x.example")
+    assert getattr(bad.value, "code", None) == "INVALID_REQUEST"

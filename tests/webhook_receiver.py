@@ -61,7 +61,9 @@ class WebhookReceiver:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 lines = head.decode("latin-1").split("\r\n")
-                headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+                headers = {
+                    k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)
+                }
                 raw = await reader.readexactly(int(headers.get("content-length", "0")))
                 if self.down:
                     self.refused += 1

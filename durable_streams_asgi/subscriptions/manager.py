@@ -30,12 +30,14 @@ from .model import (
     State,
     SubscriptionError,
     Wake,
+    check_id,
     decode,
     encode,
     fenced,
     invalid,
     is_reserved,
     not_found,
+    parse_config,
     relative_path,
 )
 from .outbound import WebhookClient, WebhookURLRejected, parse_webhook_url, resolve_webhook_target
@@ -250,6 +252,15 @@ class Subscriptions:
             self.spawn(self._rescan(sid), f"rescan of {sid}")
         self.spawn(self.evaluate(sid), f"first wake of {sid}")
         return True, fresh
+
+    async def create(self, sid: str, config: dict[str, Any], *, base_url: str) -> dict[str, Any]:
+        """The in-process ``PUT``: create (or confirm) the subscription ``sid`` from a config as
+        the HTTP API takes it; what a ``GET`` would show. ``base_url`` is the streams' root URL
+        as webhook receivers reach it (``https://api.example.com/v1/stream``): callback URLs are
+        built from it. Raises :class:`SubscriptionError` (``status``, ``code``) for a bad config."""
+        base = base_url.rstrip("/")
+        _, state = await self.put(check_id(sid), parse_config(config), base)
+        return await self.view(state, base)
 
     async def check_url(self, url: str) -> None:
         try:

@@ -73,6 +73,8 @@ streams = DurableStreams(
     make_storage(),
     authorize=authorize,
     long_poll_timeout=float(os.environ.get("DURABLE_STREAMS_LONG_POLL_TIMEOUT", "30")),
+    # Subscription webhooks to this machine over http: development and tests only.
+    allow_loopback_webhooks=os.environ.get("DURABLE_STREAMS_ALLOW_LOOPBACK_WEBHOOKS") == "1",
 )
 
 # -- the model: text tokens for the conversation ------------------------------------------------

@@ -31,7 +31,8 @@ def streams_from_env() -> DurableStreams:
             client_name=os.environ.get("DURABLE_STREAMS_CLIENT_NAME"),
         )
     long_poll_timeout = float(os.environ.get("DURABLE_STREAMS_LONG_POLL_TIMEOUT", "30"))
-    streams = DurableStreams(storage, long_poll_timeout=long_poll_timeout)
+    loopback = os.environ.get("DURABLE_STREAMS_ALLOW_LOOPBACK_WEBHOOKS") == "1"
+    streams = DurableStreams(storage, long_poll_timeout=long_poll_timeout, allow_loopback_webhooks=loopback)
     aclose = streams.storage.aclose
 
     async def reported_aclose() -> None:

@@ -37,6 +37,8 @@ DEMO_USERS = {os.environ.get("DEMO_USERNAME", "demo"): os.environ.get("DEMO_PASS
 DURABLE_STREAMS_REDIS_URL = os.environ.get("REDIS_URL") or None
 DURABLE_STREAMS_KEY_PREFIX = os.environ.get("DURABLE_STREAMS_KEY_PREFIX", "ds:")
 DURABLE_STREAMS_LONG_POLL_TIMEOUT = float(os.environ.get("DURABLE_STREAMS_LONG_POLL_TIMEOUT", "30"))
+# Subscription webhooks to this machine over http: development and tests only.
+DURABLE_STREAMS_ALLOW_LOOPBACK_WEBHOOKS = os.environ.get("DURABLE_STREAMS_ALLOW_LOOPBACK_WEBHOOKS") == "1"
 # Development only: let anyone write streams over HTTP (e.g. to run the protocol's conformance
 # suite against this project). Never set it in production.
 DEMO_OPEN_WRITES = os.environ.get("DEMO_OPEN_WRITES") == "1"

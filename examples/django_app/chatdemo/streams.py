@@ -61,4 +61,5 @@ streams = DurableStreams(
     make_storage(),
     authorize=authorize,
     long_poll_timeout=settings.DURABLE_STREAMS_LONG_POLL_TIMEOUT,
+    allow_loopback_webhooks=settings.DURABLE_STREAMS_ALLOW_LOOPBACK_WEBHOOKS,
 )
