@@ -236,7 +236,7 @@ async def test_jwt_grants_by_action_and_path() -> None:
 
 
 async def test_jwt_single_actions_grant_only_themselves() -> None:
-    token = hs({"append": ["/log"], "subscribe": {"any": "shape"}, "read": ["/log"]})  # unknown actions: ignored
+    token = hs({"append": ["/log"], "launch": {"any": "shape"}, "read": ["/log"]})  # unknown actions: ignored
     async with serve(JWTAuth(SECRET, clock=Clock()), "/log") as (client, _):
         assert (await attempt(client, "append", "/log", bearer(token))).status_code == 204
         assert (await attempt(client, "read", "/log", bearer(token))).text == "hellomore"

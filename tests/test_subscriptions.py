@@ -464,3 +464,43 @@ async def test_the_in_process_api(nodes: list[Node], receiver: WebhookReceiver) 
     with pytest.raises(Exception) as bad:
         await subs.create("api2", {"type": "webhook"}, base_url="https://x.example")
     assert getattr(bad.value, "code", None) == "INVALID_REQUEST"
+
+
+async def test_the_authorize_hook_covers_management_and_tokens_cover_callbacks(
+    storage_factory: StorageFactory, receiver: WebhookReceiver
+) -> None:
+    """Management goes through authorize (action ``subscribe``); a callback carries the wake's
+    token in Authorization, which the hook never sees (a service token check would refuse it)."""
+    from durable_streams_asgi import TokenAuth
+
+    asked: list[tuple[str, str]] = []
+    tokens = TokenAuth(write_tokens=["service-token"])
+
+    def authorize(request: Any, action: str, path: str) -> bool:
+        asked.append((action, path))
+        return tokens(request, action, path)
+
+    streams = DurableStreams(
+        await storage_factory(), authorize=authorize, allow_loopback_webhooks=True, drain_on_signals=False
+    )
+    transport = httpx.ASGITransport(app=streams.app)
+    service = {"authorization": "Bearer service-token"}
+    async with streams.lifespan(), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        config = {"type": "webhook", "streams": ["a/1"], "webhook": {"url": receiver.url}}
+        assert (await c.put("/__ds/subscriptions/s", json=config)).status_code == 401
+        assert (
+            await c.put("/__ds/subscriptions/s", json=config, headers={"authorization": "Bearer nope"})
+        ).status_code == 401
+        assert (await c.put("/__ds/subscriptions/s", json=config, headers=service)).status_code == 201
+        assert asked[-1] == ("subscribe", "/__ds/subscriptions/s")
+        assert (await c.get("/__ds/subscriptions/s")).status_code == 401
+        assert (await c.get("/__ds/jwks.json")).status_code == 200  # public
+        await c.put("/a/1", headers={**JSON, **service}, content=b"[1]")
+        wake = (await receiver.wait_for(1))[0].body
+        before = len(asked)
+        callback = await c.post(
+            wake["callback_url"].replace("http://t", ""),
+            json={"wake_id": wake["wake_id"], "generation": wake["generation"], "done": True},
+            headers={"authorization": f"Bearer {wake['callback_token']}"},
+        )
+        assert callback.status_code == 200 and len(asked) == before

@@ -31,6 +31,7 @@ TICK = 0.25  # seconds between the scheduler's looks (lease expiry is checked at
 INDEX_POLL = 0.5  # seconds between a process's checks of the index's version
 PENDING_CHECK = 2.0  # seconds between checks of one subscription's tails with no wake in flight
 DISCOVERY = 30.0  # seconds between scans for matching streams that no process linked
+IDLE_TICK = 10.0  # seconds between looks while no process knows of any subscription
 
 
 class Scheduler:
@@ -72,19 +73,26 @@ class Scheduler:
 
     async def _lead_loop(self) -> None:
         storage, me = self.subs.storage, self.subs.process
+        idle_since = time.monotonic()
         while not self.stopping:
+            # With no subscription anywhere there is nothing to look after: look only now and
+            # then (IDLE_TICK), for a subscription whose creator died before indexing it.
+            active = bool(self.subs.index) or time.monotonic() - idle_since >= IDLE_TICK
+            if active:
+                idle_since = time.monotonic()
             try:
-                if self.leading:
+                if active and self.leading:
                     self.leading = await storage.renew_lease(LEASE_KEY, me, self._fence, LEASE_MS)
-                if not self.leading:
+                if active and not self.leading:
                     lease = await storage.acquire_lease(LEASE_KEY, me, LEASE_MS)
                     self.leading = lease is not None
                     self._fence = lease.fence if lease is not None else 0
-                if self.leading:
+                if active and self.leading:
                     await self.tick()
             except StorageError as exc:
                 logger.debug("subscriptions: scheduler tick skipped: %s", exc)
-            await asyncio.sleep(TICK)
+            # The others try for the lease less often than the holder renews it.
+            await asyncio.sleep(TICK if self.leading else 4 * TICK)
 
     async def tick(self) -> None:
         """One look at every subscription."""
