@@ -108,7 +108,8 @@ async def _record_outcome(subs: Subscriptions, sid: str, wake_id: str, done: boo
             return False
         state.retries, state.next_attempt_at = 0, 0
         if not done:
-            wake.sent = True  # the receiver has it: its callbacks (or the lease) go on from here
+            # The receiver has it: its lease runs from its answer, and callbacks extend it.
+            wake.sent, wake.lease_until = True, now + state.config.lease_ttl_ms
             return False
         # {"done": true}: the snapshot is acked, and new data since opens the next wake.
         for path, tail in wake.snapshot.items():

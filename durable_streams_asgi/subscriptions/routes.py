@@ -92,7 +92,7 @@ async def _route(
         raw = await body(MAX_BODY)
         try:
             return json.loads(raw) if raw.strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
             raise invalid("the body is not JSON") from None
 
     if rest in (("callback",), ("ack",), ("release",)):
