@@ -28,7 +28,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from .globs import PathGlob, glob_match, glob_regex
+from .globs import PathGlob, glob_match
 from .options import AccessDenied, Authorize
 
 __all__ = ["JWTAuth", "PathGlob", "TokenAuth", "any_of", "glob_match"]
@@ -61,27 +61,27 @@ _INSTALL_HINT = "JWTAuth needs PyJWT with cryptography: pip install 'durable-str
 
 
 class _Grants:
-    """What a ``ds`` claim allows: one compiled alternation of its globs per action."""
+    """What a ``ds`` claim allows: its globs per action."""
 
     __slots__ = ("_by_action",)
 
     def __init__(self, claim: object) -> None:
         if not isinstance(claim, dict):
             raise ValueError("not an object")
-        regexes: dict[str, list[str]] = {action: [] for action in ACTIONS}
+        globs: dict[str, list[PathGlob]] = {action: [] for action in ACTIONS}
         for key, patterns in claim.items():
             targets = WRITE_ACTIONS if key == "write" else (key,) if key in ACTIONS else ()
             if not targets:
                 continue  # an action this server does not know: nothing it could grant here
             if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
                 raise ValueError(f"{key!r} is not a list of path patterns")
+            compiled = [PathGlob(p) for p in patterns]
             for target in targets:
-                regexes[target] += [glob_regex(p) for p in patterns]
-        self._by_action = {a: re.compile("|".join(f"(?:{r})" for r in rs)) for a, rs in regexes.items() if rs}
+                globs[target] += compiled
+        self._by_action = {a: tuple(gs) for a, gs in globs.items() if gs}
 
     def allows(self, action: str, path: str) -> bool:
-        regex = self._by_action.get(action)
-        return regex is not None and regex.fullmatch(path) is not None
+        return any(glob.match(path) for glob in self._by_action.get(action, ()))
 
 
 # -- bearer tokens ----------------------------------------------------------------------------------

@@ -504,3 +504,40 @@ async def test_the_authorize_hook_covers_management_and_tokens_cover_callbacks(
             headers={"authorization": f"Bearer {wake['callback_token']}"},
         )
         assert callback.status_code == 200 and len(asked) == before
+
+
+def test_patterns_match_in_linear_time() -> None:
+    """A regular expression per star backtracked: this pattern against this path took minutes
+    (one append froze the event loop). It must not match, and must answer at once (the test's
+    timeout is the bound)."""
+    from durable_streams_asgi.globs import PathGlob
+
+    glob = PathGlob("/e/*a*a*a*a*a*a*a*a*a*a*a*a*b")
+    assert not glob.match("/e/" + "a" * 80)
+    assert glob.match("/e/" + "a" * 80 + "b")
+    assert PathGlob("/x/**/y/**/z").match("/x/1/y/2/3/z") and not PathGlob("/x/**/y/**/z").match("/x/y/z/y")
+
+
+async def test_odd_memberships(nodes: list[Node], receiver: WebhookReceiver) -> None:
+    a, b = nodes
+    await a.append("base", {"n": 1})  # "base/**" matches "base" itself: backfilled too
+    await a.client.put("/wk", headers=JSON, content=b"[]")
+    assert (await a.put_sub("o", type="pull-wake", pattern="base/**", wake_stream="wk")).status_code == 201
+    paths = [s["path"] for s in (await b.client.get("/__ds/subscriptions/o")).json()["streams"]]
+    assert paths == ["base"]
+    own = await b.client.post("/__ds/subscriptions/o/streams", json={"streams": ["wk"]})
+    assert own.status_code == 400  # its own wake stream would wake it forever
+
+    # A stream deleted and made again under its cursor: its new data is pending from 0.
+    await a.append("base/x", {"n": 1})
+    await a.append("base/x", {"n": 2})
+    claim = (await a.client.post("/__ds/subscriptions/o/claim", json={"worker": "w"})).json()
+    auth = {"authorization": f"Bearer {claim['token']}"}
+    acks = [{"stream": s["path"], "offset": s["tail_offset"]} for s in claim["streams"]]
+    done = {"wake_id": claim["wake_id"], "generation": claim["generation"], "acks": acks, "done": True}
+    assert (await a.client.post("/__ds/subscriptions/o/ack", json=done, headers=auth)).json()["ok"]
+    assert (await a.client.delete("/base/x")).status_code == 204
+    await b.append("base/x", {"n": "new"})
+    again = (await b.client.post("/__ds/subscriptions/o/claim", json={"worker": "w"})).json()
+    [stream] = [s for s in again["streams"] if s["path"] == "base/x"]
+    assert stream["acked_offset"] == "0" * 16 + "_" + "0" * 16 and stream["has_pending"]

@@ -14,8 +14,8 @@ import random
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..storage.base import AppendRequest, StorageError
-from .manager import State, Unchanged, stream_infos
+from ..storage.base import AppendRequest, StorageError, StorageUnavailable
+from .manager import SEND_CLAIM_MS, State, Unchanged, stream_infos
 from .outbound import WebhookDeliveryError, WebhookURLRejected
 
 if TYPE_CHECKING:
@@ -52,6 +52,9 @@ async def deliver(subs: Subscriptions, sid: str, wake_id: str) -> None:
             # The lease runs from the attempt: a wake waiting out a backoff is not expiring.
             assert state.wake is not None
             state.wake.lease_until = now + state.config.lease_ttl_ms
+            # The claim runs from now, not from the wake's opening: the wait for a slot in the
+            # pool may have used it up, and another process would send the wake meanwhile.
+            state.wake.send_until = now + SEND_CLAIM_MS
             return state
 
         state, _ = await subs.update(sid, start)
@@ -89,7 +92,7 @@ async def deliver(subs: Subscriptions, sid: str, wake_id: str) -> None:
 def _says_done(body: bytes) -> bool:
     try:
         parsed = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(parsed, dict) and parsed.get("done") is True
 
@@ -147,6 +150,8 @@ async def announce(subs: Subscriptions, sid: str, wake_id: str) -> None:
             "/" + state.config.wake_stream,
             AppendRequest("application/json", [json.dumps(event, separators=(",", ":")).encode()]),
         )
+    except StorageUnavailable:
+        raise  # not written: the wake stays unsent, and the scheduler sends it once the claim runs out
     except StorageError as exc:
         # A wake stream the application has not created (or closed): the wake still waits for
         # a claim, which finds the pending work without the event.

@@ -62,7 +62,11 @@ def _scan_prefix(pattern: str) -> str:
     """The literal beginning of a pattern's paths: what a stream scan can narrow to."""
     glob = "/" + pattern
     star = glob.find("*")
-    return glob if star < 0 else glob[:star]
+    if star < 0:
+        return glob
+    prefix = glob[:star]
+    # "a/**" matches "/a" itself: the scan must not require the slash.
+    return prefix[:-1] if glob.startswith("**", star) and prefix.endswith("/") and len(prefix) > 1 else prefix
 
 
 def _now_iso() -> str:
@@ -94,7 +98,7 @@ class Subscriptions:
         self.index: list[tuple[str, PathGlob | None, frozenset[str], str | None]] = []
         self.index_version = -1
         self._hints: dict[str, dict[str, int]] = {}  # id -> {path: position before the append}
-        self._applying: dict[str, dict[str, int]] = {}  # hints being written by an evaluation
+        self._applying: dict[str, list[dict[str, int]]] = {}  # hints being written by evaluations
         self._tasks: set[asyncio.Task[Any]] = set()
         self._deliveries = asyncio.Semaphore(max_deliveries)
         self._stop_observing: Callable[[], None] | None = None
@@ -292,6 +296,8 @@ class Subscriptions:
         async def change(state: State | None, now: int) -> None:
             if state is None or state.deleted:
                 raise not_found()
+            if state.config.wake_stream in paths:
+                raise invalid("a subscription's wake stream cannot be one of its streams")
             for path in paths:
                 state.link(path, tails[path] or 0, explicit=True)
 
@@ -376,12 +382,14 @@ class Subscriptions:
     async def _evaluate_hinted(self, sid: str) -> None:
         await asyncio.sleep(0)  # appends of the same tick are looked at together
         hints = self._hints.pop(sid, {})
-        self._applying[sid] = hints  # until written, a claim must see them (see claim)
+        applying = self._applying.setdefault(sid, [])
+        applying.append(hints)  # until written, a claim must see them (see claim)
         try:
             await self.evaluate(sid, hints)
         finally:
-            if self._applying.get(sid) is hints:
-                del self._applying[sid]
+            applying.remove(hints)
+            if not applying:
+                self._applying.pop(sid, None)
 
     async def evaluate(self, sid: str, hints: dict[str, int] | None = None) -> None:
         """Link the hinted streams (at the position before their append) and open a wake if
@@ -408,6 +416,8 @@ class Subscriptions:
         for path in paths:
             tail = found[path]
             if tail is not None:
+                if tail < state.links[path].acked:
+                    state.links[path].acked = 0  # deleted and made again: its positions restarted
                 tails[path] = tail
             elif state.links[path].explicit:
                 # Not there (yet, or any more): a stream made at the path later starts at 0.
@@ -454,7 +464,7 @@ class Subscriptions:
             if wake is None:
                 # Appends of this process not looked at yet (their evaluation is queued): a claim
                 # that follows an append at once must find that work.
-                _link_hinted(state, {**self._applying.get(sid, {}), **self._hints.get(sid, {})})
+                _link_hinted(state, _earliest([*self._applying.get(sid, []), self._hints.get(sid, {})]))
                 if not await self.open_wake(state, now, announce=False):
                     raise SubscriptionError(409, "NO_PENDING_WORK", "no linked stream has data past its cursor")
                 wake = state.wake
@@ -550,6 +560,15 @@ class Subscriptions:
             "status": state.status,
             "description": config.description,
         }
+
+
+def _earliest(hint_sets: list[dict[str, int]]) -> dict[str, int]:
+    """Hints merged: each path's earliest position (the start of its first unlooked-at append)."""
+    merged: dict[str, int] = {}
+    for hints in hint_sets:
+        for path, start in hints.items():
+            merged[path] = min(start, merged.get(path, start))
+    return merged
 
 
 def _link_hinted(state: State, hints: dict[str, int]) -> None:

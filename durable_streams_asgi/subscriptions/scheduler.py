@@ -69,6 +69,8 @@ class Scheduler:
                     self.subs.load_index(record.version, record.value)
             except StorageError as exc:
                 logger.debug("subscriptions: index not read: %s", exc)
+            except Exception:  # a bug or a record it cannot read must not end the loop unseen
+                logger.exception("subscriptions: index not read")
             await asyncio.sleep(INDEX_POLL)
 
     async def _lead_loop(self) -> None:
@@ -91,6 +93,8 @@ class Scheduler:
                     await self.tick()
             except StorageError as exc:
                 logger.debug("subscriptions: scheduler tick skipped: %s", exc)
+            except Exception:
+                logger.exception("subscriptions: scheduler tick failed")
             # The others try for the lease less often than the holder renews it.
             await asyncio.sleep(TICK if self.leading else 4 * TICK)
 
