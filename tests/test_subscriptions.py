@@ -238,9 +238,9 @@ async def test_callbacks_ack_extend_and_fence(nodes: list[Node], receiver: Webho
     await a.put_sub("cb", type="webhook", streams=["q/1", "q/2"], webhook={"url": receiver.url}, lease_ttl_ms=5000)
     await a.put_sub("other", type="webhook", streams=["q/3"], webhook={"url": receiver.url})
     await a.append("q/1", {"x": 1})
-    await a.append("q/2", {"x": 2})
     wake = (await receiver.wait_for(1))[0].body
-    tails = {s["path"]: s["tail_offset"] for s in wake["streams"]}
+    await a.append("q/2", {"x": 2})  # after the wake opened: past its snapshot, ackable up to the tail
+    tails = {"q/1": wake["streams"][0]["tail_offset"], "q/2": await a.tail("q/2")}
     auth = {"authorization": f"Bearer {wake['callback_token']}"}
     url = wake["callback_url"]
 

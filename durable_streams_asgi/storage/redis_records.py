@@ -21,6 +21,8 @@ from .redis_layout import _escape, _text
 
 _SCRIPT = resources.files(__package__).joinpath("lua").joinpath("record.lua").read_text()
 _GLOB_SPECIALS = str.maketrans({c: "\\" + c for c in "*?[]\\"})
+_SCAN_COUNT = 1000  # keys one SCAN looks at
+_SCANS_PER_PAGE = 20
 
 
 def _unescape(text: str) -> str:
@@ -82,7 +84,14 @@ class RedisRecords:
     async def scan_streams(self, prefix: str, cursor: str = "", count: int = 1000) -> tuple[list[str], str]:
         start = len(self._prefix) + 1
         match = f"{self._prefix.translate(_GLOB_SPECIALS)}{{{_escape(prefix).translate(_GLOB_SPECIALS)}*}}:m"
-        after, keys = await self._command("SCAN", cursor or "0", "MATCH", match, "COUNT", count)
-        paths = [_unescape(_text(key)[start:-3]) for key in keys]
-        after = _text(after)
+        # SCAN's COUNT is how many keys it looks at, matching or not: in a big keyspace a page
+        # takes several short SCANs (each a bounded step for Redis), up to a bound per call.
+        paths: list[str] = []
+        after = cursor or "0"
+        for _ in range(_SCANS_PER_PAGE):
+            reply, keys = await self._command("SCAN", after, "MATCH", match, "COUNT", max(count, _SCAN_COUNT))
+            paths += [_unescape(_text(key)[start:-3]) for key in keys]
+            after = _text(reply)
+            if after == "0" or len(paths) >= count:
+                break
         return paths, "" if after == "0" else after
