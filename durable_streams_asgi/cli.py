@@ -25,7 +25,7 @@ from typing import Any
 from .middleware import DurableStreamsMiddleware
 from .options import Authorize
 from .settings import ENV_PREFIX, SETTINGS, UsageError, add_settings, check, make_storage
-from .storage.base import Storage
+from .storage.base import Storage, StorageError
 from .streams import DurableStreams
 from .tuning import tune_gc
 
@@ -170,7 +170,38 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     add_settings(serve)
+    rotate = sub.add_parser(
+        "rotate-webhook-key",
+        help="retire the webhook signing key and make a new one (Redis storage)",
+        description=(
+            "Retire the key that signs subscription webhooks and make a new one, for every server on "
+            "this storage within 30 s. The old public key stays in the JWK Set for 15 minutes, so "
+            "receivers verify webhooks signed before the change. Prints the new key's id."
+        ),
+    )
+    add_settings(rotate, ("storage", "key_prefix"))
     return parser
+
+
+def rotate_webhook_key(config: dict[str, Any]) -> int:
+    if config["storage"] == "memory":
+        print("durable-streams-asgi: memory storage lives in the server's process: rotate in process", file=sys.stderr)
+        return 2
+    from .subscriptions.keys import Keys
+
+    async def rotate() -> str:
+        storage = make_storage(config["storage"], config["key_prefix"])
+        try:
+            return await Keys(storage).rotate()
+        finally:
+            await storage.aclose()
+
+    try:
+        print(asyncio.run(rotate()))
+    except StorageError as exc:
+        print(f"durable-streams-asgi: the storage is not reachable: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _multiprocess_metrics(config: dict[str, Any]) -> None:
@@ -191,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         config = vars(args)
+        if args.command == "rotate-webhook-key":
+            return rotate_webhook_key(config)
         check(config)
         # Fail fast on a bad value, before any worker starts (nothing connects yet).
         asyncio.run(make_storage(config["storage"], config["key_prefix"]).aclose())

@@ -145,9 +145,11 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
-def add_settings(parser: argparse.ArgumentParser) -> None:
-    """Add every setting as a flag whose default is its variable's value, when set."""
+def add_settings(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """Add every setting (or those ``names``) as a flag whose default is its variable's value."""
     for setting in SETTINGS:
+        if names is not None and setting.name not in names:
+            continue
         default = setting.default
         raw = os.environ.get(setting.env)
         if raw is not None:

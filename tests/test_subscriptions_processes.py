@@ -119,3 +119,31 @@ async def test_a_receiver_down_across_a_restart_of_every_process_gets_every_wake
 def assert_no_tracebacks(directory: Path) -> None:
     for log in directory.glob("server-*.log"):
         assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+async def test_rotate_webhook_key_from_the_command_line(redis_url: str, tmp_path: Path) -> None:
+    import sys
+
+    from durable_streams_asgi.storage.redis import RedisStorage
+    from durable_streams_asgi.subscriptions.keys import Keys
+
+    prefix = unique_prefix()
+    storage = RedisStorage.from_url(redis_url, key_prefix=prefix)
+    try:
+        old = (await Keys(storage).signing_key()).kid
+        command = [sys.executable, "-m", "durable_streams_asgi.cli", "rotate-webhook-key"]
+        done = await asyncio.to_thread(
+            subprocess.run, [*command, "--storage", redis_url, "--key-prefix", prefix], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        new = done.stdout.strip()
+        assert new.startswith("ds_") and new != old
+        keys = Keys(storage)  # a process that starts now signs with the new key, and publishes both
+        assert (await keys.signing_key()).kid == new
+        assert {old, new} == {k["kid"] for k in (await keys.jwks())["keys"]}
+        memory = await asyncio.to_thread(
+            subprocess.run, [*command, "--storage", "memory"], capture_output=True, text=True
+        )
+        assert memory.returncode == 2 and "memory" in memory.stderr
+    finally:
+        await storage.aclose()
