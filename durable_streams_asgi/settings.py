@@ -81,7 +81,13 @@ S = Setting
 SETTINGS: tuple[Setting, ...] = (
     S("host", str, "127.0.0.1", "address to bind (0.0.0.0 for every interface)"),
     S("port", _int, 4437, "port to listen on"),
-    S("storage", str, "memory", "'memory', or a Redis URL: redis://host:6379/0, rediss://... (TLS), unix://..."),
+    S(
+        "storage",
+        str,
+        "memory",
+        "'memory', or a Redis URL: redis://host:6379/0, rediss://... (TLS), unix://..., "
+        "redis+sentinel://host:26379[,host:port...]/service[/db]",
+    ),
     S("key_prefix", str, "ds:", "prefix of every Redis key (servers sharing streams use the same)"),
     S("workers", _int, 1, "worker processes (Redis storage only for more than 1)"),
     S("long_poll_timeout", _positive_float, 30.0, "seconds a long-poll waits for data before answering 204"),
@@ -229,7 +235,7 @@ def make_storage(spec: str, key_prefix: str = "ds:") -> Storage:
     """``memory`` or a ``redis://`` / ``rediss://`` / ``unix://`` URL."""
     if spec == "memory":
         return MemoryStorage()
-    if spec.startswith(("redis://", "rediss://", "unix://")):
+    if spec.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")):
         try:
             from .storage.redis import RedisStorage
         except ImportError as exc:  # pragma: no cover - depends on the installed version

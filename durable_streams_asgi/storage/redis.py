@@ -85,6 +85,7 @@ from .redis_forks import ForkReferences
 from .redis_layout import _entries, _escape, _fork_origin, _info, _take, _text
 from .redis_leases import RedisLeases
 from .redis_records import RedisRecords
+from .redis_sentinel import is_sentinel_url, sentinel_client
 
 logger = logging.getLogger("durable_streams_asgi.redis")
 
@@ -156,7 +157,8 @@ class RedisStorage(ForkReferences, AppendObservers):
 
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str = "ds:", **redis_options: Any) -> RedisStorage:
-        """``redis://host:port/db``, ``rediss://...`` (TLS) or ``unix://...``.
+        """``redis://host:port/db``, ``rediss://...`` (TLS), ``unix://...``, or a master found
+        through Sentinel, ``redis+sentinel://host:port[,host:port...]/service[/db]``.
 
         Defaults fail fast when Redis is down (requests then get 503 with Retry-After) and
         reconnect by themselves when it returns: a command that fails on a dead pooled connection
@@ -174,6 +176,8 @@ class RedisStorage(ForkReferences, AppendObservers):
         }
         options.update(redis_options)
         options["decode_responses"] = False
+        if is_sentinel_url(url):
+            return cls(sentinel_client(url, options), key_prefix=key_prefix, owns_client=True)
         pool = BlockingConnectionPool.from_url(url, **options)
         return cls(Redis(connection_pool=pool), key_prefix=key_prefix, owns_client=True)
 
