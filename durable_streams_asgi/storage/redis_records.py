@@ -91,7 +91,7 @@ class RedisRecords:
         for _ in range(_SCANS_PER_PAGE):
             reply, keys = await self._command("SCAN", after, "MATCH", match, "COUNT", max(count, _SCAN_COUNT))
             paths += [_unescape(_text(key)[start:-3]) for key in keys]
-            after = _text(reply)
+            after = _text(reply) if isinstance(reply, bytes) else str(reply)  # redis-py parses it to an int
             if after == "0" or len(paths) >= count:
                 break
         return paths, "" if after == "0" else after
