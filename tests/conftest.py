@@ -281,3 +281,16 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]
         elif line.startswith("data:"):
             value = line[5:]
             data.append(value[1:] if value.startswith(" ") else value)
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll ``check`` (async) until it returns something truthy, and return it: for state that
+    offers no event to wait on from outside (a subscription's record, behind HTTP)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.02)

@@ -19,7 +19,7 @@ from starlette.routing import Mount
 from durable_streams_asgi import DurableStreams
 from durable_streams_asgi.subscriptions import delivery
 
-from .conftest import StorageFactory
+from .conftest import StorageFactory, eventually
 from .webhook_receiver import WebhookReceiver, verify_signature
 
 ROOT = "http://testserver/v1/stream"
@@ -71,19 +71,6 @@ async def receiver() -> AsyncIterator[WebhookReceiver]:
         yield server
     finally:
         await server.close()
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Poll ``check`` (async) until it returns something truthy: the storage's state has no event
-    a test can wait on from outside, so this is the one wait by polling here."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.02)
 
 
 async def acked(node: Node, sid: str, path: str) -> str | None:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import asyncio
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import httpx
 
-from .conftest import free_port, spawn, stop, unique_prefix
+from .conftest import eventually, free_port, spawn, stop, unique_prefix
+from .test_conformance import serve_args
 from .webhook_receiver import WebhookReceiver, verify_signature
 
 JSON = {"content-type": "application/json"}
@@ -24,33 +24,11 @@ def start_servers(
     processes, urls = [], []
     for i in range(2):
         port = free_port()
-        args = [
-            "durable_streams_asgi.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--storage",
-            redis_url,
-            "--key-prefix",
-            prefix,
-        ]
-        args += ["--allow-loopback-webhooks", "--log-level", "warning"]
+        args = serve_args(port, redis_url, 1, prefix)  # with --allow-loopback-webhooks
         url = f"http://127.0.0.1:{port}"
         processes.append(spawn(args, tmp_path / f"server-{round_}-{i}.log", f"{url}/healthz"))
         urls.append(f"{url}/v1/stream")
     return processes, urls
-
-
-async def poll(check: Any, timeout: float) -> Any:
-    """Poll the servers' state until ``check`` says so: it lives in Redis, behind HTTP."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 async def test_a_receiver_down_across_a_restart_of_every_process_gets_every_wake(
@@ -77,7 +55,7 @@ async def test_a_receiver_down_across_a_restart_of_every_process_gets_every_wake
                 body = (await client.get(f"{urls[1]}/__ds/subscriptions/jobs")).json()
                 return body["status"] == "failed"
 
-            await poll(failing, 15)
+            await eventually(failing, 15)
         for process in processes:
             stop(process)
         processes, urls = start_servers(redis_url, prefix, tmp_path, 1)
@@ -100,7 +78,7 @@ async def test_a_receiver_down_across_a_restart_of_every_process_gets_every_wake
                     acked = {s["path"]: s["acked_offset"] for s in body["streams"]}
                     return acked == tails and body["status"] == "active"
 
-                await poll(caught_up, 90)  # the backoff may have grown to a minute
+                await eventually(caught_up, 90)  # the backoff may have grown to a minute
             finally:
                 await receiver.close()
         deliveries = receiver.deliveries

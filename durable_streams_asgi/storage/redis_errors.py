@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import TypeVar
+
 from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -31,3 +34,16 @@ def response_error(exc: ResponseError) -> Exception:
     if any(text.startswith(code) or f" {code} " in text or f"-{code} " in text for code in UNAVAILABLE_REPLIES):
         return StorageUnavailable(text)
     return exc
+
+
+T = TypeVar("T")
+
+
+async def mapped(call: Awaitable[T]) -> T:
+    """Await a Redis call, its failures turned into the storage's errors."""
+    try:
+        return await call
+    except UNAVAILABLE as exc:
+        raise StorageUnavailable(str(exc)) from exc
+    except ResponseError as exc:
+        raise response_error(exc) from exc

@@ -18,11 +18,10 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
-from .base import Lease, StorageUnavailable
+from .base import Lease
 from .memory_leases import RETAIN_MS
-from .redis_errors import UNAVAILABLE, response_error
+from .redis_errors import mapped
 from .redis_layout import _escape, _text
 
 _SCRIPT = resources.files(__package__).joinpath("lua").joinpath("lease.lua").read_text()
@@ -46,16 +45,13 @@ class RedisLeases:
                    force: bool = False) -> tuple[str, Lease, bool]:  # fmt: skip
         """Run the script: its status, the lease after it, and whether the lease is taken and
         past its deadline (its holder stopped renewing it)."""
-        try:
-            reply = await self._script(
+        reply = await mapped(
+            self._script(
                 keys=[self._key(key)],
                 args=[op, owner, fence, ttl_ms, value, "1" if force else "0", RETAIN_MS],
                 client=self._client,
             )
-        except UNAVAILABLE as exc:
-            raise StorageUnavailable(str(exc)) from exc
-        except ResponseError as exc:
-            raise response_error(exc) from exc
+        )
         status, holder, current_fence, current_value, deadline, taken, now = reply
         held = taken == 1 and int(deadline) > int(now)
         lease = Lease(key, _text(holder), int(current_fence), _text(current_value), int(deadline), held)

@@ -13,10 +13,9 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
-from .base import Record, RecordConflict, StorageUnavailable
-from .redis_errors import UNAVAILABLE, response_error
+from .base import Record, RecordConflict
+from .redis_errors import mapped
 from .redis_layout import _escape, _text
 
 _SCRIPT = resources.files(__package__).joinpath("lua").joinpath("record.lua").read_text()
@@ -49,12 +48,7 @@ class RedisRecords:
         return [f"{tag}:r", f"{tag}:v"]
 
     async def _run(self, op: str, space: str, key: str = "", expected: int = 0, value: bytes = b"") -> list[Any]:
-        try:
-            return await self._script(keys=self._keys(space), args=[op, key, expected, value], client=self._client)
-        except UNAVAILABLE as exc:
-            raise StorageUnavailable(str(exc)) from exc
-        except ResponseError as exc:
-            raise response_error(exc) from exc
+        return await mapped(self._script(keys=self._keys(space), args=[op, key, expected, value], client=self._client))
 
     async def get_record(self, space: str, key: str) -> Record | None:
         now, stored, _ = await self._run("get", space, key)

@@ -15,7 +15,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..storage.base import AppendRequest, StorageError, StorageUnavailable
-from .manager import SEND_CLAIM_MS, State, Unchanged, stream_infos
+from .manager import SEND_CLAIM_MS, State, Unchanged
+from .model import stream_infos
 from .outbound import WebhookDeliveryError, WebhookURLRejected
 
 if TYPE_CHECKING:

@@ -17,13 +17,14 @@ import hmac
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from ..storage.base import RecordConflict, Storage
+from ..storage.base import Record, RecordConflict, Storage
 from .model import SubscriptionError
 
 SPACE = "__ds"
@@ -76,16 +77,22 @@ class Keys:
     async def _load(self) -> list[dict[str, Any]]:
         if self._entries is not None and time.monotonic() - self._loaded_at < CACHE_SECONDS:
             return self._entries
-        record = await self._storage.get_record(SPACE, SIGNING_RECORD)
-        if record is None:
-            try:
-                record = await self._storage.put_record(SPACE, SIGNING_RECORD, self._encode([_new_entry(0)]), 0)
-            except RecordConflict as exc:  # another process made them first: theirs are the keys
-                record = exc.current
-                assert record is not None
+        record = await self._get_or_create(SIGNING_RECORD, lambda: self._encode([_new_entry(0)]))
         self._entries = json.loads(record.value)["keys"]
         self._loaded_at = time.monotonic()
         return self._entries
+
+    async def _get_or_create(self, key: str, make: Callable[[], bytes]) -> Record:
+        """The record ``key``, written with ``make()`` first if absent; when another process
+        writes it first, theirs is the one every process uses."""
+        record = await self._storage.get_record(SPACE, key)
+        if record is None:
+            try:
+                record = await self._storage.put_record(SPACE, key, make(), 0)
+            except RecordConflict as exc:
+                record = exc.current
+                assert record is not None
+        return record
 
     @staticmethod
     def _encode(entries: list[dict[str, Any]]) -> bytes:
@@ -135,13 +142,7 @@ class Keys:
 
     async def _token_secret(self) -> bytes:
         if self._secret is None:
-            record = await self._storage.get_record(SPACE, TOKEN_RECORD)
-            if record is None:
-                try:
-                    record = await self._storage.put_record(SPACE, TOKEN_RECORD, _b64(os.urandom(32)).encode(), 0)
-                except RecordConflict as exc:
-                    record = exc.current
-                    assert record is not None
+            record = await self._get_or_create(TOKEN_RECORD, lambda: _b64(os.urandom(32)).encode())
             self._secret = _unb64(record.value.decode())
         return self._secret
 

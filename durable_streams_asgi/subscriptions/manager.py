@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 from ..globs import PathGlob
-from ..storage.base import RecordConflict, Storage, StreamGone, StreamNotFound
+from ..storage.base import RecordConflict, Storage, StorageError, StreamGone, StreamNotFound
 from .keys import Keys
 from .model import (
     Config,
@@ -31,9 +31,9 @@ from .model import (
     SubscriptionError,
     Wake,
     check_id,
-    encode,
     invalid,
     is_reserved,
+    link_hinted,
     not_found,
     parse_config,
 )
@@ -144,7 +144,7 @@ class Subscriptions:
             except SubscriptionError:
                 pass  # the subscription changed under us (deleted, fenced): nothing to do
             except Exception as exc:
-                logger.warning("subscriptions: %s failed: %s", what, exc, exc_info=not _is_storage(exc))
+                logger.warning("subscriptions: %s failed: %s", what, exc, exc_info=not isinstance(exc, StorageError))
 
         task = asyncio.ensure_future(run())
         self._tasks.add(task)
@@ -168,10 +168,13 @@ class Subscriptions:
                 result = await change(state, now)
             except Unchanged:
                 return None, state  # type: ignore[return-value]
-            if state is None or (record is not None and state.encode() == record.value):
+            if state is None:
                 return result, state
+            encoded = state.encode()
+            if record is not None and encoded == record.value:
+                return result, state  # nothing changed: no write
             try:
-                await self.storage.put_record(SPACE, sid, state.encode(), record.version if record else 0)
+                await self.storage.put_record(SPACE, sid, encoded, record.version if record else 0)
             except RecordConflict:
                 continue
             return result, state
@@ -395,7 +398,7 @@ class Subscriptions:
         async def change(state: State | None, now: int) -> bool:
             if state is None or state.deleted:
                 raise not_found()
-            _link_hinted(state, hints or {})
+            link_hinted(state, hints or {})
             if state.wake is not None:
                 return False
             return await self.open_wake(state, now, announce=True)
@@ -481,44 +484,3 @@ class Subscriptions:
             "status": state.status,
             "description": config.description,
         }
-
-
-def _earliest(hint_sets: list[dict[str, int]]) -> dict[str, int]:
-    """Hints merged: each path's earliest position (the start of its first unlooked-at append)."""
-    merged: dict[str, int] = {}
-    for hints in hint_sets:
-        for path, start in hints.items():
-            merged[path] = min(start, merged.get(path, start))
-    return merged
-
-
-def _link_hinted(state: State, hints: dict[str, int]) -> None:
-    """Link the streams the pattern matches among ``hints`` (path: position before its append)."""
-    glob = state.config.glob()
-    for path, start in hints.items():
-        own = path == state.config.wake_stream
-        if path not in state.links and not own and glob is not None and glob.match("/" + path):
-            state.link(path, start, glob=True)
-
-
-def stream_infos(state: State, wake: Wake) -> list[dict[str, Any]]:
-    """The streams of a wake: each link's cursor and its tail in the wake's snapshot."""
-    infos = []
-    for path, link in sorted(state.links.items()):
-        tail = max(wake.snapshot.get(path, link.acked), link.acked)
-        infos.append(
-            {
-                "path": path,
-                "link_type": "explicit" if link.explicit else "glob",
-                "acked_offset": encode(link.acked),
-                "tail_offset": encode(tail),
-                "has_pending": tail > link.acked,
-            }
-        )
-    return infos
-
-
-def _is_storage(exc: Exception) -> bool:
-    from ..storage.base import StorageError
-
-    return isinstance(exc, StorageError)

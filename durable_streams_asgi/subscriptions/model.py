@@ -280,3 +280,38 @@ def decode(offset: Any) -> int:
         return offsets.decode_offset(offset)
     except offsets.InvalidOffset:
         raise SubscriptionError(409, "INVALID_OFFSET", f"not an offset of this server: {offset[:40]!r}") from None
+
+
+def earliest(hint_sets: list[dict[str, int]]) -> dict[str, int]:
+    """Hints merged: each path's earliest position (the start of its first unlooked-at append)."""
+    merged: dict[str, int] = {}
+    for hints in hint_sets:
+        for path, start in hints.items():
+            merged[path] = min(start, merged.get(path, start))
+    return merged
+
+
+def link_hinted(state: State, hints: dict[str, int]) -> None:
+    """Link the streams the pattern matches among ``hints`` (path: position before its append)."""
+    glob = state.config.glob()
+    for path, start in hints.items():
+        own = path == state.config.wake_stream
+        if path not in state.links and not own and glob is not None and glob.match("/" + path):
+            state.link(path, start, glob=True)
+
+
+def stream_infos(state: State, wake: Wake) -> list[dict[str, Any]]:
+    """The streams of a wake: each link's cursor and its tail in the wake's snapshot."""
+    infos = []
+    for path, link in sorted(state.links.items()):
+        tail = max(wake.snapshot.get(path, link.acked), link.acked)
+        infos.append(
+            {
+                "path": path,
+                "link_type": "explicit" if link.explicit else "glob",
+                "acked_offset": encode(link.acked),
+                "tail_offset": encode(tail),
+                "has_pending": tail > link.acked,
+            }
+        )
+    return infos

@@ -5,8 +5,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .manager import _earliest, _link_hinted, stream_infos
-from .model import State, SubscriptionError, decode, fenced, invalid, not_found, relative_path
+from .model import (
+    State,
+    SubscriptionError,
+    decode,
+    earliest,
+    fenced,
+    invalid,
+    link_hinted,
+    not_found,
+    relative_path,
+    stream_infos,
+)
 
 if TYPE_CHECKING:
     from .manager import Subscriptions
@@ -29,7 +39,7 @@ async def claim(subs: Subscriptions, sid: str, worker: str) -> dict[str, Any]:
         if wake is None:
             # Appends of this process not looked at yet (their evaluation is queued): a claim
             # that follows an append at once must find that work.
-            _link_hinted(state, _earliest([*subs._applying.get(sid, []), subs._hints.get(sid, {})]))
+            link_hinted(state, earliest([*subs._applying.get(sid, []), subs._hints.get(sid, {})]))
             if not await subs.open_wake(state, now, announce=False):
                 raise SubscriptionError(409, "NO_PENDING_WORK", "no linked stream has data past its cursor")
             wake = state.wake
