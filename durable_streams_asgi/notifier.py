@@ -12,6 +12,11 @@ before a subscription is confirmed is lost, a waiter first waits for the confirm
 the channel's future, and only then makes its final "is there new data?" check: no write can slip
 between the check and the wait. When the connection drops, every waiter is woken to re-read (a
 message may have been lost while it was down) and the subscriptions are restored.
+
+On a Redis Cluster the notifier is sharded (``SSUBSCRIBE``): one per master, behind
+:class:`~durable_streams_asgi.notifier_cluster.ShardedNotifier`. A channel whose slot leaves the
+master (Redis then unsubscribes it by itself) or that the master refuses (``MOVED``) is dropped:
+its waiters are woken to re-read and come back through the router, to the slot's new master.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
 
 from .storage.common import wait_resolved
 
@@ -40,6 +47,10 @@ class NotifierUnavailable(Exception):
     """The subscription could not be confirmed: Redis is unreachable."""
 
 
+class Rerouted(NotifierUnavailable):
+    """The channel's slot is served by another master now: subscribe there (sharded mode)."""
+
+
 # How long a channel stays subscribed after its last local waiter left. A live reader leaves its
 # wait to read and send what woke it, then comes straight back: without this it would pay an
 # UNSUBSCRIBE, a SUBSCRIBE and the wait for its confirmation on every message.
@@ -47,10 +58,13 @@ _LINGER = 2.0
 
 
 class _Channel:
-    __slots__ = ("_confirmation", "confirmed", "future", "linger", "waiters")
+    __slots__ = ("_confirmation", "confirmed", "dropped", "future", "linger", "owner", "waiters")
 
-    def __init__(self) -> None:
+    def __init__(self, owner: Notifier) -> None:
+        self.owner = owner
         self.waiters = 0
+        #: Let go of by the notifier (its slot moved, or the notifier closed): subscribe anew.
+        self.dropped = False
         #: Redis confirmed the subscription (and nothing since may have lost a message).
         self.confirmed = False
         self._confirmation: asyncio.Future[None] | None = None
@@ -66,6 +80,14 @@ class _Channel:
         """Messages may have been lost: wake everyone to re-read, and wait for a new confirmation."""
         self.confirmed = False
         self.wake()
+
+    def drop(self) -> None:
+        """Wake everyone to re-read, and release waiters still waiting for a confirmation."""
+        self.dropped = True
+        self.invalidate()
+        confirmation, self._confirmation = self._confirmation, None
+        if confirmation is not None and not confirmation.done():
+            confirmation.set_result(None)
 
     def confirm(self) -> None:
         self.confirmed = True
@@ -88,15 +110,19 @@ class _PubSub(PubSub):
 
     async def on_connect(self, connection: Any) -> None:
         if self.on_reconnect is not None:
-            self.on_reconnect(list(self.channels))
+            self.on_reconnect([*self.channels, *self.shard_channels])
         await super().on_connect(connection)
 
 
 class Notifier:
     """Wake local waiters when a channel gets a message. Create one per process and event loop."""
 
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Redis, *, sharded: bool = False, on_trouble: Callable[[], None] | None = None) -> None:
         self._client = client
+        self._sharded = sharded
+        self._subscribe, self._unsubscribe = ("ssubscribe", "sunsubscribe") if sharded else ("subscribe", "unsubscribe")
+        #: Sharded mode: called when the connection fails or a slot moved (the map may be stale).
+        self._on_trouble = on_trouble
         self._channels: dict[bytes, _Channel] = {}
         # SUBSCRIBE/UNSUBSCRIBE commands sent but not yet confirmed, per channel: a channel counts
         # as subscribed only once every command for it has been answered.
@@ -123,7 +149,7 @@ class Notifier:
             raise NotifierUnavailable("notifier is closed")
         ch = self._channels.get(channel)
         if ch is None:
-            ch = self._channels[channel] = _Channel()
+            ch = self._channels[channel] = _Channel(self)
         elif ch.linger is not None:
             ch.linger.cancel()  # back before the channel was let go: it is still subscribed
             ch.linger = None
@@ -131,13 +157,15 @@ class Notifier:
         try:
             if ch.waiters == 1 and not ch.confirmed:
                 # Shielded: a waiter cancelled half-way must not leave a command half-counted.
-                await asyncio.shield(self._spawn(self._send("subscribe", channel)))
+                await asyncio.shield(self._spawn(self._send(self._subscribe, channel)))
             else:
                 self._ensure_listener()
             # A shared future and a timer, not a task per waiter: a thousand readers arriving at
             # once wait for the same confirmation.
             if not ch.confirmed and not await wait_resolved(ch.confirmation(), confirm_timeout):
                 raise NotifierUnavailable("subscription not confirmed")
+            if ch.dropped:
+                raise Rerouted("the channel's slot moved")
         except BaseException:
             self.release(channel, ch)
             raise
@@ -154,7 +182,7 @@ class Notifier:
         ch.linger = None
         if ch.waiters == 0 and self._channels.get(channel) is ch and not self._closed:
             del self._channels[channel]
-            self._spawn(self._send("unsubscribe", channel))
+            self._spawn(self._send(self._unsubscribe, channel))
 
     def wake_all(self) -> None:
         """Wake every local waiter to re-read (the subscriptions stay as they are)."""
@@ -208,10 +236,7 @@ class Notifier:
             return
         self._outstanding[channel] = self._outstanding.get(channel, 0) + 1
         try:
-            if command == "subscribe":
-                await pubsub.subscribe(channel)
-            else:
-                await pubsub.unsubscribe(channel)
+            await getattr(pubsub, command)(channel)
         except Exception as exc:
             # Not sent, so no answer will come; the listener's read fails too and reconnects.
             if self._pubsub is pubsub:
@@ -226,6 +251,24 @@ class Notifier:
         """redis-py reconnected on its own and is resubscribing ``resubscribing``."""
         self._outstanding = {channel: 1 for channel in resubscribing}
         self._wake_all("pub/sub connection re-established")
+        if self._sharded:
+            # It would send every shard channel in one SSUBSCRIBE, which a cluster refuses
+            # (CROSSSLOT): refuse the connection, and the listener starts a generation of its own.
+            raise ConnectionError("pub/sub reconnects through the notifier's listener")
+
+    def _drop(self, channels: list[bytes], why: str) -> None:
+        """Sharded mode: let these channels go (their waiters re-read and subscribe anew, through
+        the router), and have the slot map looked at."""
+        if channels:
+            logger.info("%s; waking waiters on %d channels to subscribe anew", why, len(channels))
+        for channel in channels:
+            ch = self._channels.pop(channel, None)
+            if ch is not None:
+                if ch.linger is not None:
+                    ch.linger.cancel()
+                ch.drop()
+        if self._on_trouble is not None:
+            self._on_trouble()
 
     def _wake_all(self, why: str) -> None:
         if self._channels:
@@ -238,7 +281,10 @@ class Notifier:
         if kind == "pong":
             return
         channel: bytes = message["channel"]
-        if kind in ("subscribe", "unsubscribe"):
+        if kind == "sunsubscribe" and channel not in self._outstanding:
+            # Not ours: Redis let the channel go because its slot left this master.
+            self._drop([channel], "a live channel's slot moved to another master")
+        elif kind in ("subscribe", "unsubscribe", "ssubscribe", "sunsubscribe"):
             left = self._outstanding.get(channel, 0) - 1
             if left > 0:
                 self._outstanding[channel] = left
@@ -246,16 +292,16 @@ class Notifier:
             self._outstanding.pop(channel, None)
             ch = self._channels.get(channel)
             if ch is not None:
-                if kind == "subscribe":
+                if kind == self._subscribe:
                     ch.confirm()
                 else:
                     # The last command for this channel was an unsubscribe, but waiters came back.
                     ch.invalidate()
-                    self._spawn(self._send("subscribe", channel))
-            elif kind == "subscribe":
+                    self._spawn(self._send(self._subscribe, channel))
+            elif kind == self._subscribe:
                 # Subscribed with nobody left waiting (they left while it was in flight).
-                self._spawn(self._send("unsubscribe", channel))
-        elif kind == "message":
+                self._spawn(self._send(self._unsubscribe, channel))
+        elif kind in ("message", "smessage"):
             ch = self._channels.get(channel)
             if ch is not None:
                 ch.wake()
@@ -276,7 +322,11 @@ class Notifier:
             channels = list(self._channels)
             if channels:
                 self._outstanding = {channel: 1 for channel in channels}
-                await pubsub.subscribe(*channels)
+                if self._sharded:  # one slot per command
+                    for channel in channels:
+                        await pubsub.ssubscribe(channel)
+                else:
+                    await pubsub.subscribe(*channels)
         except BaseException:
             await self._discard(pubsub)
             raise
@@ -286,7 +336,7 @@ class Notifier:
             self._up.set_result(None)
         # Waiters that arrived while we subscribed found no connection to send on: catch up.
         for channel in [c for c in self._channels if c not in self._outstanding]:
-            self._spawn(self._send("subscribe", channel))
+            self._spawn(self._send(self._subscribe, channel))
         return pubsub
 
     async def _discard(self, pubsub: _PubSub) -> None:
@@ -321,6 +371,11 @@ class Notifier:
             except Exception as exc:
                 pubsub, self._pubsub = self._pubsub, None
                 self._outstanding = {}
+                if self._sharded and isinstance(exc, ResponseError):
+                    # MOVED, CLUSTERDOWN...: this master does not serve (all of) these channels.
+                    self._drop(list(self._channels), f"pub/sub refused: {exc}")
+                elif self._sharded and self._on_trouble is not None:
+                    self._on_trouble()
                 self._wake_all(f"pub/sub connection lost ({exc}); reconnecting in {backoff:.2f}s")
                 if pubsub is not None:
                     await self._discard(pubsub)
@@ -348,7 +403,7 @@ class Notifier:
         for ch in self._channels.values():
             if ch.linger is not None:
                 ch.linger.cancel()
-            ch.wake()
+            ch.drop()
         self._channels.clear()
         if self._pubsub is not None:
             await self._discard(self._pubsub)

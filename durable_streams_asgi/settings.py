@@ -86,7 +86,8 @@ SETTINGS: tuple[Setting, ...] = (
         str,
         "memory",
         "'memory', or a Redis URL: redis://host:6379/0, rediss://... (TLS), unix://..., "
-        "redis+sentinel://host:26379[,host:port...]/service[/db]",
+        "redis+sentinel://host:26379[,host:port...]/service[/db], "
+        "redis+cluster://host:port[,host:port...]",
     ),
     S("key_prefix", str, "ds:", "prefix of every Redis key (servers sharing streams use the same)"),
     S("workers", _int, 1, "worker processes (Redis storage only for more than 1)"),
@@ -235,7 +236,8 @@ def make_storage(spec: str, key_prefix: str = "ds:") -> Storage:
     """``memory`` or a ``redis://`` / ``rediss://`` / ``unix://`` URL."""
     if spec == "memory":
         return MemoryStorage()
-    if spec.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")):
+    schemes = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
+    if spec.startswith(tuple(f"{scheme}://" for scheme in schemes)):
         try:
             from .storage.redis import RedisStorage
         except ImportError as exc:  # pragma: no cover - depends on the installed version

@@ -26,6 +26,8 @@ from durable_streams_asgi import MemoryStorage, durable_streams_app
 from durable_streams_asgi.storage.base import Storage
 
 BACKENDS = ["memory", "redis"]
+# The storage contract tests run on a Redis Cluster too (their modules override ``backend``).
+STORAGE_BACKENDS = [*BACKENDS, "cluster"]
 
 StorageFactory = Callable[[], Awaitable[Storage]]
 
@@ -89,6 +91,19 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     with redis_server(tmp_path_factory.mktemp("redis")) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis Cluster for the tests: ``REDIS_CLUSTER_URL`` when set, else 3 masters and 3
+    replicas of our own (see ``redis_cluster.py``), shared by the session like ``redis_url``."""
+    if os.environ.get("REDIS_CLUSTER_URL"):
+        yield os.environ["REDIS_CLUSTER_URL"]
+        return
+    from .redis_cluster import local_cluster
+
+    with local_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster.url
 
 
 class RedisServer:
@@ -208,7 +223,8 @@ async def storage_factory(backend: str, request: pytest.FixtureRequest) -> Async
         else:
             from durable_streams_asgi.storage.redis import RedisStorage
 
-            storage = RedisStorage.from_url(request.getfixturevalue("redis_url"), key_prefix=prefix)
+            url = request.getfixturevalue("redis_cluster_url" if backend == "cluster" else "redis_url")
+            storage = RedisStorage.from_url(url, key_prefix=prefix)
         made.append(storage)
         return storage
 

@@ -83,8 +83,8 @@ def start_servers(
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """The server under test: one process, or two behind a round-robin proxy or behind nginx."""
     storage, workers, processes = request.param
-    if storage == "redis":
-        storage = request.getfixturevalue("redis_url")
+    if storage in ("redis", "cluster"):
+        storage = request.getfixturevalue("redis_cluster_url" if storage == "cluster" else "redis_url")
     prefix = unique_prefix()  # every process of this run shares the streams
     if isinstance(workers, str):  # an example app, started with its documented command
         yield from serve_example(workers, storage, prefix, tmp_path)
@@ -243,6 +243,9 @@ SERVERS = [
     # Two server processes behind a round-robin proxy: consecutive requests of every test land
     # on different processes, so each write and its read or wake-up cross processes.
     pytest.param(("redis", 1, 2), id="redis-2-processes-round-robin"),
+    # Two server processes behind the round-robin proxy on a Redis Cluster (3 masters, 3
+    # replicas): streams spread over the shards, live reads woken by sharded pub/sub.
+    pytest.param(("cluster", 1, 2), id="cluster-2-processes-round-robin"),
     # Two server processes behind nginx with examples/deploy/nginx.conf, as documented.
     pytest.param(("redis", 1, "nginx"), id="redis-2-processes-nginx"),
     # The examples, as their READMEs run them: the protocol through FastAPI's mount and through

@@ -10,7 +10,7 @@ import pytest
 from durable_streams_asgi.storage import base as st
 from durable_streams_asgi.storage.base import AppendRequest, Producer, Storage, StreamConfig
 
-from .test_storage import append, read_all
+from .test_storage import append, backend, read_all  # noqa: F401 (backend: the same backends)
 
 TEXT = StreamConfig(content_type="text/plain")
 

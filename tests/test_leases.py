@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from durable_streams_asgi.storage.base import Storage
 
-from .conftest import StorageFactory
+from .conftest import STORAGE_BACKENDS, StorageFactory
+
+
+@pytest.fixture(params=STORAGE_BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Memory, one Redis, and a Redis Cluster."""
+    return request.param
 
 
 async def wait_until_expired(storage: Storage, key: str) -> None:

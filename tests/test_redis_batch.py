@@ -201,7 +201,7 @@ async def test_calls_queued_as_the_storage_closes_are_still_sent(redis_url: str)
         await storage.create("/q", StreamConfig(content_type=TEXT))
         append = asyncio.ensure_future(storage.append("/q", AppendRequest(content_type=TEXT, items=[b"last"])))
         await asyncio.sleep(0)  # the append is queued for the end of this tick...
-        await storage._batcher.aclose()  # ...and the batcher closes in the same tick: it sends it
+        await storage._router.aclose()  # ...and the batchers close in the same tick: it sends it
         assert append.done() and append.result().info.tail == 4
         await storage.aclose()
         assert await admin.hget(storage._keys("/q")[0], "tail") == b"4"

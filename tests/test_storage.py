@@ -10,7 +10,14 @@ import pytest
 from durable_streams_asgi.storage import base as st
 from durable_streams_asgi.storage.base import AppendRequest, Producer, Storage, StreamConfig
 
-from .conftest import StorageFactory
+from .conftest import STORAGE_BACKENDS, StorageFactory
+
+
+@pytest.fixture(params=STORAGE_BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Memory, one Redis, and a Redis Cluster."""
+    return request.param
+
 
 TEXT = StreamConfig(content_type="text/plain")
 JSON = StreamConfig(content_type="application/json")

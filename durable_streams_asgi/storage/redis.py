@@ -45,7 +45,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ResponseError
 
 from .. import metrics
-from ..notifier import Notifier, NotifierUnavailable
+from ..notifier import NotifierUnavailable
 from .base import (
     AppendRequest,
     AppendResult,
@@ -78,13 +78,14 @@ from .common import (
     wait_for_data,
 )
 from .memory_records import AppendObservers
-from .redis_batch import ScriptBatcher
+from .redis_cluster import ClusterTopology, is_cluster_url, parse_cluster_url
 from .redis_errors import UNAVAILABLE as _UNAVAILABLE
 from .redis_errors import response_error as _response_error
 from .redis_forks import ForkReferences
 from .redis_layout import _entries, _escape, _fork_origin, _info, _take, _text
 from .redis_leases import RedisLeases
 from .redis_records import RedisRecords
+from .redis_router import ClusterRouter, LiveNotifier, Router, SingleRouter
 from .redis_sentinel import is_sentinel_url, sentinel_client
 
 logger = logging.getLogger("durable_streams_asgi.redis")
@@ -107,9 +108,11 @@ def _units(items: Sequence[bytes], is_json: bool) -> int:
     return sum(1 for item in items if item) if is_json else sum(map(len, items))
 
 
-def _load_script(name: str) -> str:
+def _load_script(name: str, publish: str) -> str:
+    """The script's source, publishing with ``publish`` (``SPUBLISH`` on a cluster)."""
     lua = resources.files(__package__).joinpath("lua")
-    return lua.joinpath("common.lua").read_text() + "\n" + lua.joinpath(f"{name}.lua").read_text()
+    source = lua.joinpath("common.lua").read_text() + "\n" + lua.joinpath(f"{name}.lua").read_text()
+    return source.replace("redis.call('PUBLISH',", f"redis.call('{publish}',")
 
 
 class StreamDataMissing(StorageError):
@@ -119,35 +122,39 @@ class StreamDataMissing(StorageError):
 class RedisStorage(ForkReferences, AppendObservers):
     """Streams in Redis (>= 6.2, or Valkey), shared by every process that uses the same Redis.
 
-    Build it with :meth:`from_url`, or pass a ``redis.asyncio.Redis`` client created with
-    ``decode_responses=False``. Connections are opened lazily on first use; call :meth:`aclose`
-    on shutdown (the standalone server and the lifespan helper do).
+    Build it with :meth:`from_url` (a Redis, a master behind Sentinel, or a Redis Cluster), or
+    pass a ``redis.asyncio.Redis`` client created with ``decode_responses=False``. Connections
+    are opened lazily on first use; call :meth:`aclose` on shutdown (the standalone server and
+    the lifespan helper do).
     """
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | None = None,
         *,
         key_prefix: str = "ds:",
         entry_size: int = 512 * 1024,
         owns_client: bool = False,
+        router: Router | None = None,
     ) -> None:
         if "{" in key_prefix or "}" in key_prefix:
             raise ValueError("key_prefix must not contain '{' or '}' (they mark Redis Cluster hash tags)")
+        if (client is None) == (router is None):
+            raise TypeError("RedisStorage takes a client or a router")
         self._client = client
+        self._router: Router = router or SingleRouter(client)  # type: ignore[arg-type]
         self._prefix = key_prefix
         self._entry_size = entry_size
         self._owns_client = owns_client
-        self._scripts = {name: client.register_script(_load_script(name)) for name in _SCRIPTS}
-        self._batcher = ScriptBatcher(client)
-        self._leases = RedisLeases(client, key_prefix, self._command)
-        self._records = RedisRecords(client, key_prefix, self._command)
+        self._scripts = {name: self._router.register(_load_script(name, self._router.publish)) for name in _SCRIPTS}
+        self._leases = RedisLeases(self._router, key_prefix, self._command)
+        self._records = RedisRecords(self._router, key_prefix, self._command)
         AppendObservers.__init__(self)
         # Append nonces: unique across processes (a random prefix) and cheap (a counter, where
         # uuid4 per append cost a urandom system call).
         self._nonce_prefix = uuid.uuid4().hex[:16]
         self._nonces = itertools.count()
-        self._notifier: Notifier | None = None
+        self._notifier: LiveNotifier | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._inflight: dict[tuple[Any, ...], tuple[asyncio.Future[Any], int]] = {}
         # Orders shared calls against moments (a subscription confirmed): a counter, since clock
@@ -157,8 +164,9 @@ class RedisStorage(ForkReferences, AppendObservers):
 
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str = "ds:", **redis_options: Any) -> RedisStorage:
-        """``redis://host:port/db``, ``rediss://...`` (TLS), ``unix://...``, or a master found
-        through Sentinel, ``redis+sentinel://host:port[,host:port...]/service[/db]``.
+        """``redis://host:port/db``, ``rediss://...`` (TLS), ``unix://...``, a master found
+        through Sentinel, ``redis+sentinel://host:port[,host:port...]/service[/db]``, or a Redis
+        Cluster, ``redis+cluster://host:port[,host:port...]`` (any of its nodes).
 
         Defaults fail fast when Redis is down (requests then get 503 with Retry-After) and
         reconnect by themselves when it returns: a command that fails on a dead pooled connection
@@ -178,11 +186,17 @@ class RedisStorage(ForkReferences, AppendObservers):
         options["decode_responses"] = False
         if is_sentinel_url(url):
             return cls(sentinel_client(url, options), key_prefix=key_prefix, owns_client=True)
+        if is_cluster_url(url):
+            seeds, node_url = parse_cluster_url(url)
+            return cls(router=ClusterRouter(ClusterTopology(seeds, node_url, options)), key_prefix=key_prefix)
         pool = BlockingConnectionPool.from_url(url, **options)
         return cls(Redis(connection_pool=pool), key_prefix=key_prefix, owns_client=True)
 
     @property
     def client(self) -> Redis:
+        """The Redis client (not on a cluster, which has one per master)."""
+        if self._client is None:
+            raise AttributeError("a Redis Cluster storage has no single client")
         return self._client
 
     # -- keys and plumbing -----------------------------------------------------------------------
@@ -204,7 +218,7 @@ class RedisStorage(ForkReferences, AppendObservers):
             self._sweeper = asyncio.ensure_future(self._sweep_forever())
         try:
             stream = None if script in _READ_ONLY_SCRIPTS else path
-            return await self._batcher.call(self._scripts[script], stream, self._keys(path), args, resend=resend)
+            return await self._router.script(self._scripts[script], stream, self._keys(path), args, resend=resend)
         except _UNAVAILABLE as exc:
             metrics.current.storage_error("unavailable")
             raise StorageUnavailable(str(exc)) from exc
@@ -214,7 +228,7 @@ class RedisStorage(ForkReferences, AppendObservers):
 
     async def _command(self, *args: Any) -> Any:
         try:
-            return await self._client.execute_command(*args)
+            return await self._router.command(*args)
         except _UNAVAILABLE as exc:
             metrics.current.storage_error("unavailable")
             raise StorageUnavailable(str(exc)) from exc
@@ -523,10 +537,10 @@ class RedisStorage(ForkReferences, AppendObservers):
     async def wait_for_data(self, path: str, position: int, timeout: float) -> bool:
         return await wait_for_data(self, path, position, timeout)
 
-    def _live(self) -> Notifier:
+    def _live(self) -> LiveNotifier:
         """This storage's notifier, made on first use (it connects lazily too)."""
         if self._notifier is None:
-            self._notifier = Notifier(self._client)
+            self._notifier = self._router.notifier()
         return self._notifier
 
     async def watch(self, path: str, position: int) -> Watch:
@@ -559,13 +573,17 @@ class RedisStorage(ForkReferences, AppendObservers):
 
     async def ready(self) -> str | None:
         try:
-            await asyncio.wait_for(self._command("PING"), _READY_TIMEOUT)
+            nodes = await asyncio.wait_for(self._router.nodes(), _READY_TIMEOUT)
+            for node in nodes:  # every master of a cluster: each serves a share of the streams
+                try:
+                    await asyncio.wait_for(self._router.command_on(node, "PING"), _READY_TIMEOUT)
+                except _UNAVAILABLE as exc:
+                    raise StorageUnavailable(f"{node or 'Redis'}: {exc}") from exc
         except (StorageError, asyncio.TimeoutError) as exc:
             return f"Redis does not answer: {exc or 'timeout'}"
         return await self._live().ready(_READY_TIMEOUT)
 
     async def aclose(self) -> None:
-        await self._batcher.aclose()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -574,6 +592,7 @@ class RedisStorage(ForkReferences, AppendObservers):
         if self._notifier is not None:
             await self._notifier.aclose()
             self._notifier = None
-        if self._owns_client:
+        await self._router.aclose()
+        if self._owns_client and self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.aclose(close_connection_pool=True)

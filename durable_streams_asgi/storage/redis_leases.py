@@ -15,25 +15,26 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any
-
-from redis.asyncio import Redis
+from typing import TYPE_CHECKING, Any
 
 from .base import Lease
 from .memory_leases import RETAIN_MS
 from .redis_errors import mapped
 from .redis_layout import _escape, _text
 
+if TYPE_CHECKING:
+    from .redis_router import Router
+
 _SCRIPT = resources.files(__package__).joinpath("lua").joinpath("lease.lua").read_text()
 
 
 class RedisLeases:
     """The lease half of :class:`~durable_streams_asgi.storage.redis.RedisStorage`; it needs only
-    a client, a key prefix and the storage's command runner (which maps errors)."""
+    a router, a key prefix and the storage's command runner (which maps errors)."""
 
-    def __init__(self, client: Redis, prefix: str, command: Callable[..., Awaitable[Any]]) -> None:
-        self._script = client.register_script(_SCRIPT)
-        self._client = client
+    def __init__(self, router: Router, prefix: str, command: Callable[..., Awaitable[Any]]) -> None:
+        self._script = router.register(_SCRIPT)
+        self._router = router
         self._prefix = prefix
         self._command = command
         self._index = f"{prefix}leases"
@@ -46,10 +47,8 @@ class RedisLeases:
         """Run the script: its status, the lease after it, and whether the lease is taken and
         past its deadline (its holder stopped renewing it)."""
         reply = await mapped(
-            self._script(
-                keys=[self._key(key)],
-                args=[op, owner, fence, ttl_ms, value, "1" if force else "0", RETAIN_MS],
-                client=self._client,
+            self._router.run(
+                self._script, [self._key(key)], [op, owner, fence, ttl_ms, value, "1" if force else "0", RETAIN_MS]
             )
         )
         status, holder, current_fence, current_value, deadline, taken, now = reply

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any
-
-from redis.asyncio import Redis
+from typing import TYPE_CHECKING, Any
 
 from .base import Record, RecordConflict
 from .redis_errors import mapped
 from .redis_layout import _escape, _text
+
+if TYPE_CHECKING:
+    from .redis_router import Router
 
 _SCRIPT = resources.files(__package__).joinpath("lua").joinpath("record.lua").read_text()
 _GLOB_SPECIALS = str.maketrans({c: "\\" + c for c in "*?[]\\"})
@@ -35,11 +36,11 @@ def _record(key: str, stored: bytes, now: int) -> Record:
 
 class RedisRecords:
     """The record half of :class:`~durable_streams_asgi.storage.redis.RedisStorage`; it needs only
-    a client, a key prefix and the storage's command runner (which maps errors)."""
+    a router, a key prefix and the storage's command runner (which maps errors)."""
 
-    def __init__(self, client: Redis, prefix: str, command: Callable[..., Awaitable[Any]]) -> None:
-        self._script = client.register_script(_SCRIPT)
-        self._client = client
+    def __init__(self, router: Router, prefix: str, command: Callable[..., Awaitable[Any]]) -> None:
+        self._script = router.register(_SCRIPT)
+        self._router = router
         self._prefix = prefix
         self._command = command
 
@@ -48,7 +49,7 @@ class RedisRecords:
         return [f"{tag}:r", f"{tag}:v"]
 
     async def _run(self, op: str, space: str, key: str = "", expected: int = 0, value: bytes = b"") -> list[Any]:
-        return await mapped(self._script(keys=self._keys(space), args=[op, key, expected, value], client=self._client))
+        return await mapped(self._router.run(self._script, self._keys(space), [op, key, expected, value]))
 
     async def get_record(self, space: str, key: str) -> Record | None:
         now, stored, _ = await self._run("get", space, key)
@@ -78,14 +79,28 @@ class RedisRecords:
     async def scan_streams(self, prefix: str, cursor: str = "", count: int = 1000) -> tuple[list[str], str]:
         start = len(self._prefix) + 1
         match = f"{self._prefix.translate(_GLOB_SPECIALS)}{{{_escape(prefix).translate(_GLOB_SPECIALS)}*}}:m"
+        # A cluster's keys are spread over its masters: the cursor is "<master>.<SCAN cursor>",
+        # the masters taken in the order of their slots (a scan across a resharding may repeat
+        # or miss what moved meanwhile, as SCAN itself may across a rehash).
+        nodes = await self._router.nodes()
+        index_text, _, after = cursor.partition(".") if cursor else ("0", "", "0")
+        index = int(index_text) if index_text.isdigit() else 0
         # SCAN's COUNT is how many keys it looks at, matching or not: in a big keyspace a page
         # takes several short SCANs (each a bounded step for Redis), up to a bound per call.
         paths: list[str] = []
-        after = cursor or "0"
         for _ in range(_SCANS_PER_PAGE):
-            reply, keys = await self._command("SCAN", after, "MATCH", match, "COUNT", max(count, _SCAN_COUNT))
+            if index >= len(nodes):
+                break
+            reply, keys = await self._command_on(
+                nodes[index], "SCAN", after or "0", "MATCH", match, "COUNT", max(count, _SCAN_COUNT)
+            )
             paths += [_unescape(_text(key)[start:-3]) for key in keys]
             after = _text(reply) if isinstance(reply, bytes) else str(reply)  # redis-py parses it to an int
-            if after == "0" or len(paths) >= count:
+            if after == "0":
+                index, after = index + 1, "0"
+            if len(paths) >= count:
                 break
-        return paths, "" if after == "0" else after
+        return paths, "" if index >= len(nodes) else f"{index}.{after}"
+
+    async def _command_on(self, node: str, *args: Any) -> Any:
+        return await mapped(self._router.command_on(node, *args))
