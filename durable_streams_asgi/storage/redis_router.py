@@ -27,9 +27,11 @@ from .redis_errors import UNAVAILABLE
 
 # Commands that name no key: any node answers them.
 _KEYLESS = frozenset({"TIME", "PING", "SCAN", "CLUSTER", "INFO"})
-# Redirections and waits one call may go through before it gives up (a slot mid-migration
-# answers TRYAGAIN until its keys have all moved: the waits grow to about 2 s in all).
-_ATTEMPTS = 8
+# How long one call follows redirections and waits out TRYAGAIN before it answers 503: a
+# stream's keys split by a slot migration, or a stream of fewer keys than a script names (no
+# producers yet) on the slot's target, answer TRYAGAIN until the whole slot has moved.
+_PATIENCE = 3.0
+_MAX_PAUSE = 0.2
 
 
 class LiveNotifier(Protocol):
@@ -118,7 +120,10 @@ class ClusterRouter:
         """``call(node, asking)`` on the node serving ``key``, following the cluster's answers."""
         slot = slot_of(key)
         asking: str | None = None
-        for attempt in range(_ATTEMPTS):
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + _PATIENCE
+        pause = 0.005
+        while loop.time() < give_up:
             node = asking or await self.topology.node(slot)
             try:
                 return await call(node, asking is not None)
@@ -129,11 +134,13 @@ class ClusterRouter:
                 asking = f"{exc.host}:{exc.port}"
             except TryAgainError:
                 asking = None
-                await asyncio.sleep(0.01 * 2**attempt)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _MAX_PAUSE)
             except ClusterDownError:
                 asking = None
                 self.topology.schedule_refresh()
-                await asyncio.sleep(0.01 * 2**attempt)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _MAX_PAUSE)
             except UNAVAILABLE:
                 # The master may have failed: look for its replica's promotion meanwhile.
                 self.topology.schedule_refresh()
