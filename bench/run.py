@@ -5,7 +5,12 @@
 
 Servers: the reference (``@durable-streams/server`` 0.3.7, in-memory), ours with memory storage
 on 1 worker, and ours with Redis storage on 2 workers (against a throwaway redis-server of the
-harness's own). Load: ``wrk`` for HTTP throughput, ``bench/live.py`` (asyncio) for live readers.
+harness's own). ``--servers`` also takes ``redis-N`` (N workers on one Redis), ``cluster-N`` (N
+workers on a throwaway 3-master Redis Cluster) and ``cluster`` (cluster-1, cluster-2, cluster-4):
+
+    python bench/run.py --servers redis-1,redis-2,redis-4,cluster --scenarios appends,sse
+
+Load: ``wrk`` for HTTP throughput, ``bench/live.py`` (asyncio) for live readers.
 Prints a table and writes ``bench/results/latest.json`` with every number and the ratios
 (ours / reference for throughput, reference / ours for latency and memory: above 1 means ours is
 better).
@@ -136,6 +141,51 @@ def start_redis() -> tuple[str, subprocess.Popen[bytes]]:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError("redis-server did not start")
+
+
+def start_cluster(masters: int = 3) -> tuple[str, list[subprocess.Popen[bytes]]]:
+    """A throwaway Redis Cluster (masters only: the bench measures the serving path)."""
+    ports: list[int] = []
+    while len(ports) < masters:  # the cluster bus listens 10000 above each port
+        port = free_port()
+        if port <= 55535 and port not in ports:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            ports.append(port)
+    processes = []
+    for port in ports:
+        directory = tempfile.mkdtemp(prefix="bench-cluster-")
+        processes.append(
+            subprocess.Popen(
+                [
+                    *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
+                    *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--dir", directory),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    for port in ports:
+        deadline = time.monotonic() + 10
+        while subprocess.run(["redis-cli", "-p", str(port), "PING"], capture_output=True).stdout.strip() != b"PONG":
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+    nodes = [f"127.0.0.1:{port}" for port in ports]
+    subprocess.run(["redis-cli", "--cluster", "create", *nodes, "--cluster-yes"], check=True, capture_output=True)
+    deadline = time.monotonic() + 30
+    for port in ports:
+        while (
+            b"cluster_state:ok"
+            not in subprocess.run(["redis-cli", "-p", str(port), "CLUSTER", "INFO"], capture_output=True).stdout
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not come up")
+            time.sleep(0.05)
+    return "redis+cluster://" + ",".join(nodes), processes
 
 
 def start_ours(name: str, storage: str, workers: int, extra: list[subprocess.Popen[bytes]] | None = None) -> Server:
@@ -287,6 +337,7 @@ METRICS: list[tuple[str, str, bool]] = [
 ]
 
 
+CLUSTER_SET = ["cluster-1", "cluster-2", "cluster-4"]
 SCENARIOS = ("appends", "catchup", "sse", "long-poll", "tokens", "idle")
 
 
@@ -339,15 +390,21 @@ def main() -> None:
         print(message, file=sys.stderr, flush=True)
 
     results: dict[str, dict[str, Any]] = {}
-    for name in args.servers.split(","):
+    names = [n for name in args.servers.split(",") for n in (CLUSTER_SET if name == "cluster" else [name])]
+    for name in names:
         redis = None
         if name == "reference":
             server = start_reference()
         elif name == "memory":
             server = start_ours("memory-1-worker", "memory", 1)
-        elif name == "redis":
+        elif name == "redis" or re.fullmatch(r"redis-\d+", name):
+            workers = int(name.partition("-")[2] or 2)
             url, redis = start_redis()
-            server = start_ours("redis-2-workers", url, 2, [redis])
+            server = start_ours(f"redis-{workers}-workers", url, workers, [redis])
+        elif re.fullmatch(r"cluster-\d+", name):
+            workers = int(name.partition("-")[2])
+            url, nodes = start_cluster()
+            server = start_ours(f"cluster-{workers}-workers", url, workers, nodes)
         else:
             sys.exit(f"unknown server {name!r}")
         try:

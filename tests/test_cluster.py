@@ -257,8 +257,11 @@ async def _kill_a_master_under_load(cluster: LocalCluster) -> None:
         # master died is what an acknowledged write can lose (counted below, not assumed away).
         cluster.kill(victim)
         killed_at.append(time.monotonic())
+        problem = await reader.ready()  # a readiness probe names the master that is gone
+        assert problem is not None and str(victim) in problem, problem
         await asyncio.to_thread(cluster.wait_healthy, 30)
         await asyncio.wait_for(resumed.wait(), 30)  # every stream of the killed master written again
+        assert await reader.ready() is None
         await asyncio.sleep(1.0)  # some writes after the failover, on every stream
         stop.set()
         await asyncio.gather(*writers)

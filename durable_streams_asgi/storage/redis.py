@@ -34,6 +34,7 @@ import itertools
 import json
 import logging
 import uuid
+import zlib
 from collections.abc import Sequence
 from dataclasses import replace
 from importlib import resources
@@ -96,6 +97,14 @@ _READ_ONLY_SCRIPTS = frozenset({"read", "head"})  # (read refreshes a sliding TT
 
 # How long a readiness check waits for each of Redis and the pub/sub connection (seconds).
 _READY_TIMEOUT = 2.0
+
+
+# Parts of the fork index (see RedisStorage._indexes).
+_FORK_INDEX_PARTS = 16
+
+
+def _fork_index(prefix: str, fork_path: str) -> str:
+    return f"{prefix}{{__ds:forks:{zlib.crc32(fork_path.encode()) % _FORK_INDEX_PARTS}}}"
 
 
 def _count_appended(items: Sequence[bytes]) -> None:
@@ -205,10 +214,16 @@ class RedisStorage(ForkReferences, AppendObservers):
         base = f"{self._prefix}{{{_escape(path)}}}"
         return [f"{base}:m", f"{base}:d", f"{base}:p", f"{base}:f"]
 
+    def _index(self, indexed: str) -> str:
+        """The part of the fork index that holds ``indexed`` (``<fork path>\n<id>\n<source>``)."""
+        return _fork_index(self._prefix, indexed.partition("\n")[0])
+
     @property
-    def _index(self) -> str:
-        """Sorted set of every fork (``<path>\\n<id>\\n<source>``) by when to check on it next."""
-        return f"{self._prefix}forks"
+    def _indexes(self) -> list[str]:
+        """Every part of the fork index: sorted sets of forks by when to check on them next,
+        spread over :data:`_FORK_INDEX_PARTS` hash slots (so over a cluster's masters), and the
+        single set of earlier versions, still swept."""
+        return [f"{self._prefix}{{__ds:forks:{n}}}" for n in range(_FORK_INDEX_PARTS)] + [f"{self._prefix}forks"]
 
     def _channel(self, path: str) -> bytes:
         return f"{self._prefix}{{{_escape(path)}}}:n".encode()

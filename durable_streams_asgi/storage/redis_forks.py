@@ -2,9 +2,10 @@
 
 A fork takes a reference on its source (a script on the source's slot), then is created (a script
 on its own). The two cannot be one transaction on a cluster, so every fork is also entered in an
-index (``<prefix>forks``, a sorted set by when to check on it). Every process sweeps the index
-every few seconds and releases the references of forks that are gone: expired by Redis (which
-drops keys silently), or never created because a process died between the two steps. A source is
+index: sorted sets by when to check on it, ``<prefix>{__ds:forks:<n>}``, 16 parts in as many
+slots chosen by the fork's path, so that a cluster's masters share it. Every process sweeps the
+index every few seconds and releases the references of forks that are gone: expired by Redis
+(which drops keys silently), or never created because a process died between the two steps. A source is
 cleaned up once its last reference goes, however that happens.
 """
 
@@ -45,8 +46,9 @@ class ForkReferences:
 
     if TYPE_CHECKING:
 
+        def _index(self, indexed: str) -> str: ...
         @property
-        def _index(self) -> str: ...
+        def _indexes(self) -> list[str]: ...
         async def _call(self, script: str, path: str, *args: Any) -> list[Any]: ...
         async def _command(self, *args: Any) -> Any: ...
         def _keys(self, path: str) -> list[str]: ...
@@ -84,7 +86,7 @@ class ForkReferences:
         member = f"{path}\n{stream_id}"
         indexed = f"{member}\n{source}"
         now = await self._time_ms()
-        await self._command("ZADD", self._index, now + _FORK_GRACE_MS, indexed)
+        await self._command("ZADD", self._index(indexed), now + _FORK_GRACE_MS, indexed)
         ref = await self._call(
             "fork_ref",
             source,
@@ -127,7 +129,7 @@ class ForkReferences:
         else:
             due = now + ttl * 1000 if ttl is not None else round((expires_at or 0) * 1000)
             with contextlib.suppress(StorageError):
-                await self._command("ZADD", self._index, due, indexed)
+                await self._command("ZADD", self._index(indexed), due, indexed)
         return result
 
     async def _release(self, source: str, member: str) -> None:
@@ -148,31 +150,37 @@ class ForkReferences:
         except StorageError as exc:
             logger.warning("could not release fork reference %r on %r (%s); the sweeper will", member, source, exc)
             with contextlib.suppress(StorageError):
-                await self._command("ZADD", self._index, 0, indexed)
+                await self._command("ZADD", self._index(indexed), 0, indexed)
 
     async def _unindex(self, indexed: str) -> None:
         with contextlib.suppress(StorageError):
-            await self._command("ZREM", self._index, indexed)
+            await self._command("ZREM", self._index(indexed), indexed)
 
     async def sweep(self) -> int:
         """Release the references of forks that are gone (expired by Redis, or never created
         because a process died half-way). Returns how many it released. Runs every
         ``sweep_interval`` seconds in every process; concurrent sweeps are harmless."""
         now = await self._time_ms()
-        due = await self._command("ZRANGEBYSCORE", self._index, "-inf", now, "LIMIT", 0, 200)
+        released = 0
+        for index in self._indexes:
+            released += await self._sweep_part(index, now)
+        return released
+
+    async def _sweep_part(self, index: str, now: int) -> int:
+        due = await self._command("ZRANGEBYSCORE", index, "-inf", now, "LIMIT", 0, 200)
         released = 0
         for raw in due:
             fork_path, fork_id, source = _text(raw).split("\n")
             current, deadline = await self._command("HMGET", self._keys(fork_path)[0], "id", "dl")
             if current is not None and _text(current) == fork_id:
                 if not deadline:
-                    await self._unindex(_text(raw))
+                    await self._command("ZREM", index, raw)
                 else:
                     # A sliding TTL moved on, or the fork is kept for forks of its own: later.
-                    await self._command("ZADD", self._index, max(int(deadline), now + _FORK_GRACE_MS), raw)
+                    await self._command("ZADD", index, max(int(deadline), now + _FORK_GRACE_MS), raw)
                 continue
             await self._release(source, f"{fork_path}\n{fork_id}")
-            await self._unindex(_text(raw))
+            await self._command("ZREM", index, raw)
             released += 1
         return released
 
