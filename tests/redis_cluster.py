@@ -45,7 +45,7 @@ def wait_until(condition: object, what: str, timeout: float = 30) -> None:
     """Until ``condition()`` (a server's own state, read over its socket) holds."""
     deadline = time.monotonic() + timeout
     while True:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, redis.RedisError):  # not up yet
             if condition():  # type: ignore[operator]
                 return
         if time.monotonic() > deadline:

@@ -598,3 +598,26 @@ async def test_one_append_holds_redis_briefly_and_a_huge_array_is_refused(redis_
     finally:
         await admin.aclose()
         await storage.aclose()
+
+
+async def test_a_master_without_its_replicas_refuses_writes_with_503_and_writes_nothing(tmp_path: Path) -> None:
+    """``min-replicas-to-write`` (the README's way to bound what a failover loses): a master that
+    has no replica in sight refuses each script before its first write, and that is a 503."""
+    with redis_server(tmp_path / "redis") as url:
+        admin = Redis.from_url(url)
+        storage = RedisStorage.from_url(url, key_prefix=unique_prefix())
+        try:
+            await admin.config_set("min-replicas-to-write", 1)
+            with pytest.raises(StorageUnavailable, match="NOREPLICAS"):
+                await storage.create("/r", StreamConfig(content_type="text/plain"), [b"x"])
+            with pytest.raises(StreamNotFound):
+                await storage.head("/r")  # reads go on
+            await admin.config_set("min-replicas-to-write", 0)
+            await storage.create("/r", StreamConfig(content_type="text/plain"), [b"x"])
+            await admin.config_set("min-replicas-to-write", 1)
+            with pytest.raises(StorageUnavailable, match="NOREPLICAS"):
+                await storage.append("/r", AppendRequest("text/plain", [b"y"]))
+            assert (await storage.read("/r", 0, 10)).items == [b"x"]
+        finally:
+            await storage.aclose()
+            await admin.aclose()
