@@ -26,6 +26,7 @@ import platform
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,22 @@ class Server:
             except psutil.NoSuchProcess:
                 pass
         return total
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU time (user + system) used so far by the server's process tree, and by the Redis
+        servers it runs against (0 for none)."""
+
+        def tree(proc: psutil.Process) -> float:
+            total = 0.0
+            for one in [proc, *proc.children(recursive=True)]:
+                try:
+                    times = one.cpu_times()
+                    total += times.user + times.system
+                except psutil.NoSuchProcess:
+                    pass
+            return total
+
+        return tree(psutil.Process(self.process.pid)), sum(tree(psutil.Process(p.pid)) for p in self.extra)
 
     def stop(self) -> None:
         for proc in [self.process, *self.extra]:
@@ -216,21 +233,31 @@ def start_ours(name: str, storage: str, workers: int, extra: list[subprocess.Pop
 # -- scenarios -----------------------------------------------------------------------------------
 
 
-def run_wrk(args: list[str]) -> dict[str, float]:
+def run_wrk(args: list[str]) -> dict[str, Any]:
     out = subprocess.run(["wrk", *args], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     socket_errors = re.search(r"Socket errors:.*", out)
     return {
         "rps": rps,
+        "requests": requests,
         "non_2xx": int(errors.group(1)) if errors else 0,
         "socket_errors": socket_errors.group(0) if socket_errors else "",
     }
 
 
-async def scenario_appends(ep: live.Endpoint, duration: int) -> dict[str, Any]:
+def cpu_per_operation(server: Server, before: tuple[float, float], operations: int, key: str) -> dict[str, float]:
+    """CPU microseconds per operation since ``before``: the server's, Redis's, and both."""
+    after = server.cpu_seconds()
+    ours, redis = ((a - b) * 1e6 / max(operations, 1) for a, b in zip(after, before, strict=True))
+    return {f"{key}_server_cpu_us": ours, f"{key}_redis_cpu_us": redis, f"{key}_cpu_us": ours + redis}
+
+
+async def scenario_appends(ep: live.Endpoint, server: Server, duration: int) -> dict[str, Any]:
     for i in range(32):
         await live.create_stream(ep, f"s{i}")
+    before = server.cpu_seconds()
     result = run_wrk(
         [
             "-t2",
@@ -243,7 +270,12 @@ async def scenario_appends(ep: live.Endpoint, duration: int) -> dict[str, Any]:
             ep.prefix,
         ]
     )
-    return {"appends_per_s": result["rps"], "non_2xx": result["non_2xx"], "socket_errors": result["socket_errors"]}
+    return {
+        "appends_per_s": result["rps"],
+        "non_2xx": result["non_2xx"],
+        "socket_errors": result["socket_errors"],
+        **cpu_per_operation(server, before, result["requests"], "append"),
+    }
 
 
 async def scenario_catchup(ep: live.Endpoint, duration: int) -> dict[str, Any]:
@@ -258,18 +290,23 @@ async def scenario_catchup(ep: live.Endpoint, duration: int) -> dict[str, Any]:
     return {"catchup_mb_per_s": result["rps"] * len(payload) / 1e6, "non_2xx": result["non_2xx"]}
 
 
-async def scenario_fanout(ep: live.Endpoint, mode: str, readers: int, messages: int, rate: float) -> dict[str, Any]:
+async def scenario_fanout(
+    ep: live.Endpoint, server: Server, mode: str, readers: int, messages: int, rate: float
+) -> dict[str, Any]:
     name = f"fanout-{mode}"
     await live.create_stream(ep, name)
     latencies, stop = live.Latencies(), asyncio.Event()
     reader = live.sse_reader if mode == "sse" else live.long_poll_reader
     tasks = await live.gather_ready(readers, lambda ready: reader(ep, name, latencies, ready, stop))
+    before = server.cpu_seconds()
     await live.writer(ep, name, messages, 1 / rate)
     expected = readers * messages
     await latencies.wait_all(expected, 15)
+    cpu = cpu_per_operation(server, before, latencies.received, f"{mode}_delivery")
     stop.set()
     await live.cancel_all(tasks)
     return {
+        **cpu,
         f"{mode}_p50_ms": latencies.percentile_ms(50),
         f"{mode}_p99_ms": latencies.percentile_ms(99),
         f"{mode}_delivered": latencies.received,
@@ -325,11 +362,15 @@ async def scenario_idle(ep: live.Endpoint, server: Server, counts: list[int]) ->
 METRICS: list[tuple[str, str, bool]] = [
     # (key, label, higher is better)
     ("appends_per_s", "appends/s (100 B, 32 streams, 64 conns)", True),
+    ("append_cpu_us", "CPU us per append (server + Redis)", False),
+    ("append_redis_cpu_us", "  of which Redis", False),
     ("catchup_mb_per_s", "catch-up MB/s (1 MiB, 16 conns)", True),
     ("sse_p50_ms", "SSE fan-out p50 ms", False),
     ("sse_p99_ms", "SSE fan-out p99 ms", False),
     ("long-poll_p50_ms", "long-poll fan-out p50 ms", False),
     ("long-poll_p99_ms", "long-poll fan-out p99 ms", False),
+    ("sse_delivery_cpu_us", "CPU us per SSE delivery", False),
+    ("long-poll_delivery_cpu_us", "CPU us per long-poll delivery", False),
     ("tokens_per_s", "token streaming tokens/s", True),
     ("token_p99_ms", "token latency p99 ms", False),
     ("idle_kib_per_reader_1000", "idle SSE reader KiB (1,000)", False),
@@ -347,14 +388,14 @@ async def bench_server(server: Server, quick: bool, log: Callable[[str], None], 
     results: dict[str, Any] = {}
     if "appends" in only:
         log(f"[{server.name}] appends")
-        results |= await scenario_appends(ep, 3 if quick else 10)
+        results |= await scenario_appends(ep, server, 3 if quick else 10)
     if "catchup" in only:
         log(f"[{server.name}] catch-up")
         results |= await scenario_catchup(ep, 3 if quick else 10)
     for mode in ("sse", "long-poll"):
         if mode in only:
             log(f"[{server.name}] {mode} fan-out, {readers} readers")
-            results |= await scenario_fanout(ep, mode, readers, 20 if quick else 50, 20)
+            results |= await scenario_fanout(ep, server, mode, readers, 20 if quick else 50, 20)
     if "tokens" in only:
         log(f"[{server.name}] token streaming")
         results |= await scenario_tokens(ep, 20 if quick else 100, 100 if quick else 500)
@@ -370,12 +411,65 @@ def ratio(ours: float | None, ref: float | None, higher_is_better: bool) -> floa
     return ours / ref if higher_is_better else ref / ours
 
 
+def run_server(name: str, quick: bool, log: Callable[[str], None], only: set[str]) -> dict[str, Any]:
+    """Start server ``name`` fresh, run the scenarios against it, stop it."""
+    if name == "reference":
+        server = start_reference()
+    elif name == "memory":
+        server = start_ours("memory-1-worker", "memory", 1)
+    elif name == "redis" or re.fullmatch(r"redis-\d+", name):
+        workers = int(name.partition("-")[2] or 2)
+        url, redis = start_redis()
+        server = start_ours(f"redis-{workers}-workers", url, workers, [redis])
+    elif re.fullmatch(r"cluster-\d+", name):
+        workers = int(name.partition("-")[2])
+        url, nodes = start_cluster()
+        server = start_ours(f"cluster-{workers}-workers", url, workers, nodes)
+    else:
+        sys.exit(f"unknown server {name!r}")
+    try:
+        return asyncio.run(bench_server(server, quick, log, only))
+    finally:
+        server.stop()
+
+
+def median_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in rounds[0]:
+        values = [r[key] for r in rounds if key in r]
+        numbers = [v for v in values if isinstance(v, (int, float)) and v == v]
+        out[key] = statistics.median(numbers) if numbers and len(numbers) == len(values) else values[-1]
+    return out
+
+
+def spread_of(rounds: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    return {
+        key: (min(values), max(values))
+        for key in rounds[0]
+        if (values := [r[key] for r in rounds if isinstance(r.get(key), (int, float))])
+    }
+
+
+def cell(value: Any, spread: tuple[float, float] | None, rounds: int) -> str:
+    if not isinstance(value, (int, float)):
+        return "nan"
+    if rounds == 1 or spread is None:
+        return f"{value:,.1f}"
+    return f"{value:,.1f} ({spread[0]:,.1f}-{spread[1]:,.1f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs, fewer readers")
     parser.add_argument("--servers", default="reference,memory,redis", help="which servers, comma separated")
     parser.add_argument(
         "--scenarios", default=",".join(SCENARIOS), help=f"which scenarios, comma separated ({', '.join(SCENARIOS)})"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="fresh servers each round, in alternating order; medians reported (default 3, 1 with --quick)",
     )
     parser.add_argument("--json", default=str(BENCH / "results" / "latest.json"), help="where to write results")
     args = parser.parse_args()
@@ -389,34 +483,26 @@ def main() -> None:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    results: dict[str, dict[str, Any]] = {}
     names = [n for name in args.servers.split(",") for n in (CLUSTER_SET if name == "cluster" else [name])]
-    for name in names:
-        redis = None
-        if name == "reference":
-            server = start_reference()
-        elif name == "memory":
-            server = start_ours("memory-1-worker", "memory", 1)
-        elif name == "redis" or re.fullmatch(r"redis-\d+", name):
-            workers = int(name.partition("-")[2] or 2)
-            url, redis = start_redis()
-            server = start_ours(f"redis-{workers}-workers", url, workers, [redis])
-        elif re.fullmatch(r"cluster-\d+", name):
-            workers = int(name.partition("-")[2])
-            url, nodes = start_cluster()
-            server = start_ours(f"cluster-{workers}-workers", url, workers, nodes)
-        else:
-            sys.exit(f"unknown server {name!r}")
-        try:
-            results[name] = asyncio.run(bench_server(server, args.quick, log, only))
-        finally:
-            server.stop()
+    rounds = args.rounds or (1 if args.quick else 3)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for round_ in range(rounds):
+        # Alternating order: whatever the machine does over time (another tenant, a warm cache)
+        # weighs on every server alike.
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            log(f"round {round_ + 1} of {rounds}: {name}")
+            runs[name].append(run_server(name, args.quick, log, only))
+    results = {name: median_of(rounds_) for name, rounds_ in runs.items()}
+    spreads = {name: spread_of(rounds_) for name, rounds_ in runs.items()}
 
     report: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "quick": args.quick,
+        "rounds": rounds,
         "results": results,
+        "spreads": spreads,
+        "runs": runs,
         "ratios": {},
     }
     ref = results.get("reference", {})
@@ -426,8 +512,9 @@ def main() -> None:
     # A latency over the messages that arrived says nothing about those that did not: a run in
     # which readers missed messages is reported as such, loudly.
     report["incomplete"] = [
-        f"{name}: {kind} delivered {res[f'{kind}_delivered']:,} of {res[f'{kind}_expected']:,}"
-        for name, res in results.items()
+        f"{name} (round {i + 1}): {kind} delivered {res[f'{kind}_delivered']:,} of {res[f'{kind}_expected']:,}"
+        for name, rounds_ in runs.items()
+        for i, res in enumerate(rounds_)
         for kind in ("sse", "long-poll", "tokens")
         if f"{kind}_expected" in res and res[f"{kind}_delivered"] < res[f"{kind}_expected"]
     ]
@@ -439,7 +526,7 @@ def main() -> None:
     header = ["metric", *names, *(f"{n} vs ref" for n in ours)]
     rows = []
     for key, label, _ in METRICS:
-        row = [label, *(f"{results[n].get(key, float('nan')):,.1f}" for n in names)]
+        row = [label, *(cell(results[n].get(key), spreads[n].get(key), rounds) for n in names)]
         for n in ours:
             r = report["ratios"][n].get(key)
             row.append("-" if r is None else f"{r:.2f}x")
@@ -449,7 +536,10 @@ def main() -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
-    print(f"\nratios: above 1.00x means ours is better. JSON: {args.json}")
+    print(
+        f"\nmedians of {rounds} round(s), (min-max) beside them; ratios of the medians, above 1.00x means ours "
+        f"is better. JSON: {args.json}"
+    )
     for line in report["incomplete"]:
         print(f"INCOMPLETE: {line} (messages missed or late past the wait; latencies above cover only those delivered)")
     if report["incomplete"]:

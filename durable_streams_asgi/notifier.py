@@ -31,7 +31,8 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ResponseError
+from redis.crc import key_slot
+from redis.exceptions import AskError, ResponseError
 
 from .storage.common import wait_resolved
 
@@ -99,6 +100,8 @@ class _Channel:
         """Resolved at the next confirmation; shared by every waiter (never cancel it)."""
         if self._confirmation is None:
             self._confirmation = asyncio.get_running_loop().create_future()
+            if self.dropped:  # nothing will confirm it: the waiter goes elsewhere at once
+                self._confirmation.set_result(None)
         return self._confirmation
 
 
@@ -354,7 +357,18 @@ class Notifier:
                 heard = asyncio.get_running_loop().time()
                 pinged = False
                 while True:
-                    message = await pubsub.get_message(timeout=_READ_TIMEOUT)
+                    try:
+                        message = await pubsub.get_message(timeout=_READ_TIMEOUT)
+                    except AskError as exc:  # (MovedError too)
+                        if not self._sharded:
+                            raise
+                        # One SSUBSCRIBE refused: this master no longer serves that slot. Only its
+                        # channels go elsewhere; the connection and the other channels stay.
+                        moved = [c for c in self._channels if key_slot(c) == exc.slot_id]
+                        for channel in moved:
+                            self._outstanding.pop(channel, None)
+                        self._drop(moved, f"a live channel's slot is served elsewhere ({exc})")
+                        message = None
                     now = asyncio.get_running_loop().time()
                     if message is not None:
                         heard, pinged = now, False

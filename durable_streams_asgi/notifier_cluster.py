@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from typing import Any
 
 from .notifier import Notifier, NotifierUnavailable, Rerouted, _Channel
@@ -37,7 +38,8 @@ class ShardedNotifier:
         notifier = self._nodes.get(node)
         if notifier is None:
             client = self._topology.client(node)
-            notifier = self._nodes[node] = Notifier(client, sharded=True, on_trouble=self._topology.schedule_refresh)
+            trouble = functools.partial(self._topology.suspect, node)
+            notifier = self._nodes[node] = Notifier(client, sharded=True, on_trouble=trouble)
         return notifier
 
     async def acquire(self, channel: bytes, confirm_timeout: float = 5.0) -> _Channel:

@@ -203,6 +203,7 @@ async def test_a_master_killed_under_load_fails_over(tmp_path: Path) -> None:
 async def _kill_a_master_under_load(cluster: LocalCluster) -> None:
     prefix = unique_prefix()
     reader, writer = (RedisStorage.from_url(cluster.url, key_prefix=prefix) for _ in range(2))
+    tasks: list[asyncio.Future[None]] = []
     try:
         paths = paths_on_every_master(cluster, 2)
         victim = cluster.master_of_slot(slot(paths[0]))
@@ -252,6 +253,7 @@ async def _kill_a_master_under_load(cluster: LocalCluster) -> None:
 
         writers = [asyncio.ensure_future(write(path)) for path in paths]
         followers = [asyncio.ensure_future(follow(path)) for path in paths]
+        tasks.extend([*writers, *followers])
         await asyncio.sleep(1.0)
         # Under load, the replica trails by what is in flight: what it had not received when its
         # master died is what an acknowledged write can lose (counted below, not assumed away).
@@ -261,7 +263,11 @@ async def _kill_a_master_under_load(cluster: LocalCluster) -> None:
         assert problem is not None and str(victim) in problem, problem
         await asyncio.to_thread(cluster.wait_healthy, 30)
         await asyncio.wait_for(resumed.wait(), 30)  # every stream of the killed master written again
-        assert await reader.ready() is None
+
+        async def ready() -> bool:  # probes poll: the map follows within a second or so
+            return await reader.ready() is None
+
+        await eventually(ready, 5)
         await asyncio.sleep(1.0)  # some writes after the failover, on every stream
         stop.set()
         await asyncio.gather(*writers)
@@ -284,5 +290,8 @@ async def _kill_a_master_under_load(cluster: LocalCluster) -> None:
             f"{sum(lost_by_gap.values())} of {sum(len(acknowledged[p]) for p in paths)} acknowledged appends lost"
         )
     finally:
+        for task in tasks:  # a failed assertion leaves them running
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await reader.aclose()
         await writer.aclose()

@@ -93,6 +93,7 @@ logger = logging.getLogger("durable_streams_asgi.redis")
 
 _SCRIPTS = ("create", "append", "read", "head", "delete", "fork_ref", "release")
 _READ_ONLY_SCRIPTS = frozenset({"read", "head"})  # (read refreshes a sliding TTL: harmless twice)
+_PUBLISHING_SCRIPTS = frozenset({"append", "delete"})  # they notify the stream's live readers
 
 
 # How long a readiness check waits for each of Redis and the pub/sub connection (seconds).
@@ -233,7 +234,10 @@ class RedisStorage(ForkReferences, AppendObservers):
             self._sweeper = asyncio.ensure_future(self._sweep_forever())
         try:
             stream = None if script in _READ_ONLY_SCRIPTS else path
-            return await self._router.script(self._scripts[script], stream, self._keys(path), args, resend=resend)
+            channel = self._channel(path) if script in _PUBLISHING_SCRIPTS else None
+            return await self._router.script(
+                self._scripts[script], stream, self._keys(path), args, resend=resend, channel=channel
+            )
         except _UNAVAILABLE as exc:
             metrics.current.storage_error("unavailable")
             raise StorageUnavailable(str(exc)) from exc

@@ -57,8 +57,11 @@ def _pack(args: tuple[Any, ...], encoding: str, errors: str) -> list[bytes]:
     return out
 
 
+_ASKING = b"*1\r\n$6\r\nASKING\r\n"
+
+
 class _Call:
-    __slots__ = ("answered", "future", "keys", "packed", "resend", "script", "stream")
+    __slots__ = ("answered", "asking", "future", "keys", "missing", "packed", "resend", "script", "stream")
 
     def __init__(
         self,
@@ -68,6 +71,7 @@ class _Call:
         future: asyncio.Future[Any],
         keys: list[str],
         resend: tuple[Any, ...] | None,
+        asking: bool = False,
     ) -> None:
         self.script = script
         self.stream = stream
@@ -79,6 +83,10 @@ class _Call:
         # Whether Redis's reply to the latest sending was read: by position on the connection,
         # not by the future, which a caller that left has cancelled whatever Redis did.
         self.answered = False
+        #: Redis answered NOSCRIPT to the latest sending: it did not run.
+        self.missing = False
+        #: Sent after ``ASKING`` on the same connection (a Redis Cluster slot being migrated).
+        self.asking = asking
 
 
 class ScriptBatcher:
@@ -91,6 +99,7 @@ class ScriptBatcher:
     """
 
     def __init__(self, client: Redis) -> None:
+        self.client = client
         self._client = client
         encoder = client.connection_pool.get_encoder()
         self._encoding: str = encoder.encoding
@@ -106,18 +115,20 @@ class ScriptBatcher:
         args: tuple[Any, ...],
         *,
         resend: tuple[Any, ...] | None = None,
+        asking: bool = False,
     ) -> Any:
         """Run ``script``. ``stream`` names the stream a writing script changes (None for one
         that only reads): it decides what may be sent again after a connection is lost.
         ``resend``: the arguments to send instead in that case (a script that must know it may
-        have run already)."""
+        have run already). ``asking``: precede it with ``ASKING`` (Redis Cluster, a slot being
+        migrated to this node)."""
         # Encoded here, so that an argument that cannot be encoded fails its own call only.
         packed = _pack((b"EVALSHA", script.sha, len(keys), *keys, *args), self._encoding, self._errors)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._queue:
             loop.call_soon(self._flush)
-        self._queue.append(_Call(script, stream, packed, future, keys, resend))
+        self._queue.append(_Call(script, stream, packed, future, keys, resend, asking))
         return await future
 
     def _flush(self) -> None:
@@ -140,6 +151,10 @@ class ScriptBatcher:
                     call.future.set_exception(error)
             if not isinstance(exc, Exception):
                 raise
+        # No caller is ever left waiting, whatever path the rounds took.
+        for call in batch:
+            if not call.future.done():
+                call.future.set_exception(StorageUnavailable("Redis call not settled"))
 
     async def _send(self, batch: list[_Call]) -> None:
         pool = self._client.connection_pool
@@ -159,7 +174,8 @@ class ScriptBatcher:
                     if retried:
                         raise
                     retried = True
-                    pending = self._mark_resent(self._retryable([call for call in pending if not call.answered], exc))
+                    unsettled = [call for call in pending if not call.answered or call.missing]
+                    pending = self._mark_resent(self._retryable(unsettled, exc))
         except BaseException:
             # Replies may be left unread on the socket: never hand it back to the pool like that.
             await connection.disconnect()
@@ -187,7 +203,9 @@ class ScriptBatcher:
     async def _exchange(self, connection: Any, batch: list[_Call], deadline: float | None) -> list[_Call]:
         packed: list[bytes] = []
         for call in batch:
-            call.answered = False
+            call.answered = call.missing = False
+            if call.asking:
+                packed.append(_ASKING)
             packed.extend(call.packed)
         await connection.send_packed_command(packed)
         if deadline is not None and asyncio.get_running_loop().time() >= deadline:
@@ -198,9 +216,11 @@ class ScriptBatcher:
         missing: list[_Call] = []
         for call in batch:
             try:
+                if call.asking:
+                    await connection.read_response(timeout=math.inf)  # +OK
                 reply = await connection.read_response(timeout=math.inf)
             except NoScriptError:
-                call.answered = True
+                call.answered = call.missing = True
                 missing.append(call)
                 continue
             except ResponseError as exc:
@@ -222,12 +242,13 @@ class ScriptBatcher:
         writing call whose stream another unanswered writing call also changes (Redis may have
         run both; the script recognises only the stream's last write as already done). Every
         unanswered call counts for that, whether its caller is still waiting or not."""
-        counts = Counter(call.stream for call in unanswered if call.stream is not None)
+        # (A call answered NOSCRIPT did not run: it counts for nothing and is sent again.)
+        counts = Counter(call.stream for call in unanswered if call.stream is not None and not call.missing)
         retry = []
         for call in unanswered:
             if call.future.done():
                 continue
-            if call.stream is not None and counts[call.stream] > 1:
+            if call.stream is not None and not call.missing and counts[call.stream] > 1:
                 call.future.set_exception(StorageUnavailable(f"Redis connection lost: {exc}"))
             else:
                 retry.append(call)

@@ -34,6 +34,11 @@ logger = logging.getLogger("durable_streams_asgi.redis")
 SCHEMES = ("redis+cluster", "rediss+cluster")
 # At most one topology refresh per this many seconds (a refresh asks one node for the whole map).
 _REFRESH_EVERY = 0.25
+# While a master in the map does not answer, the map is read again this often: its replica's
+# promotion is seen within this long, whatever requests do meanwhile.
+_SUSPECT_EVERY = 0.5
+# How long the client of a node that left the slot map stays open (for the calls under way on it).
+_RETIRE_AFTER = 30.0
 
 
 def is_cluster_url(url: str) -> bool:
@@ -79,6 +84,9 @@ class ClusterTopology:
         self._refreshing: asyncio.Task[None] | None = None
         self._refreshed_at = -1e9
         self._closed = False
+        # Masters that failed a call or a pub/sub connection and have not answered since.
+        self._suspects: set[str] = set()
+        self._follow_up: asyncio.TimerHandle | None = None
         #: Called with the set of master names after every change of the map.
         self.on_change: Callable[[set[str]], None] | None = None
 
@@ -86,7 +94,10 @@ class ClusterTopology:
         """The client of node ``name`` (``host:port``), made on first use."""
         client = self._clients.get(name)
         if client is None:
+            if self._closed:
+                raise StorageUnavailable("the Redis Cluster storage is closed")
             host, _, port = name.rpartition(":")
+            host = f"[{host}]" if ":" in host else host  # an IPv6 address, in a URL
             pool = BlockingConnectionPool.from_url(self._node_url.format(host=host, port=port), **self._options)
             client = self._clients[name] = Redis(connection_pool=pool)
         return client
@@ -102,15 +113,21 @@ class ClusterTopology:
         return self._slots[slot]
 
     async def masters(self) -> list[str]:
-        """Every master, in the order of the slots they serve."""
+        """Every master, by name (``host:port``)."""
         if not self._slots:
             await self.refresh()
-        return list(dict.fromkeys(self._slots))
+        return sorted(set(self._slots))
 
     def moved(self, slot: int, host: str, port: int) -> None:
         """Redis said ``slot`` is served by ``host:port`` now: use that, and look at the rest."""
         if self._slots and 0 <= slot < len(self._slots):
             self._slots[slot] = f"{host}:{port}"
+        self.schedule_refresh()
+
+    def suspect(self, node: str) -> None:
+        """A call to ``node`` failed: refresh the map now and, while the node stays in it without
+        answering, every :data:`_SUSPECT_EVERY` seconds."""
+        self._suspects.add(node)
         self.schedule_refresh()
 
     def schedule_refresh(self) -> None:
@@ -127,6 +144,18 @@ class ClusterTopology:
         await asyncio.shield(self._refreshing)
 
     async def _refresh(self, force: bool = False) -> None:
+        try:
+            await self._read_map(force)
+        finally:
+            self._refreshed_at = asyncio.get_running_loop().time()  # a failed one counts too
+            # Whatever this refresh found (or not), a master that does not answer is looked for
+            # again soon.
+            if self._suspects and not self._closed:
+                if self._follow_up is not None:
+                    self._follow_up.cancel()
+                self._follow_up = asyncio.get_running_loop().call_later(_SUSPECT_EVERY, self.schedule_refresh)
+
+    async def _read_map(self, force: bool) -> None:
         loop = asyncio.get_running_loop()
         wait = self._refreshed_at + _REFRESH_EVERY - loop.time()
         if wait > 0 and not force:
@@ -143,10 +172,19 @@ class ClusterTopology:
             slots = self._map(reply, name)
             if slots is not None:
                 self._install(slots)
-                self._refreshed_at = loop.time()
+                await self._check_suspects(set(slots))
                 return
             errors.append(f"{name}: not every slot is served")
         raise StorageUnavailable("no Redis Cluster node gives a full slot map (" + "; ".join(errors) + ")")
+
+    async def _check_suspects(self, masters: set[str]) -> None:
+        for node in list(self._suspects):
+            if node in masters:
+                try:
+                    await asyncio.wait_for(self.client(node).execute_command("PING"), 1.0)
+                except Exception:
+                    continue  # still down, and still a master in the cluster's view: look again soon
+            self._suspects.discard(node)
 
     @staticmethod
     def _map(reply: list[Any], asked: str) -> list[str] | None:
@@ -167,15 +205,25 @@ class ClusterTopology:
         self._slots = slots
         masters = set(slots)
         for name in [name for name in self._clients if name not in masters and name not in self._seeds]:
-            # Not closed at once: calls under way on it finish (or fail) on their own.
-            self._retired.append(self._clients.pop(name))
+            # Not closed at once: calls under way on it finish (or fail) on their own first.
+            retired = self._clients.pop(name)
+            self._retired.append(retired)
+            asyncio.get_running_loop().call_later(_RETIRE_AFTER, self._close_retired, retired)
         if changed:
             logger.info("Redis Cluster: %d masters serve the slots", len(masters))
             if self.on_change is not None:
                 self.on_change(masters)
 
+    def _close_retired(self, client: Redis) -> None:
+        if client in self._retired and not self._closed:
+            self._retired.remove(client)
+            task = asyncio.ensure_future(client.aclose(close_connection_pool=True))
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())
+
     async def aclose(self) -> None:
         self._closed = True
+        if self._follow_up is not None:
+            self._follow_up.cancel()
         if self._refreshing is not None:
             self._refreshing.cancel()
             with contextlib.suppress(BaseException):

@@ -8,6 +8,7 @@ stream's keys can share that tag.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -79,12 +80,15 @@ class RedisRecords:
     async def scan_streams(self, prefix: str, cursor: str = "", count: int = 1000) -> tuple[list[str], str]:
         start = len(self._prefix) + 1
         match = f"{self._prefix.translate(_GLOB_SPECIALS)}{{{_escape(prefix).translate(_GLOB_SPECIALS)}*}}:m"
-        # A cluster's keys are spread over its masters: the cursor is "<master>.<SCAN cursor>",
-        # the masters taken in the order of their slots (a scan across a resharding may repeat
-        # or miss what moved meanwhile, as SCAN itself may across a rehash).
+        # A cluster's keys are spread over its masters: the cursor is "<master>#<SCAN cursor>",
+        # the masters taken in the order of their names. A scan across a resharding or a failover
+        # may repeat or miss what moved meanwhile (as SCAN itself may across a rehash); a master
+        # gone from the map is skipped for the next one by name.
         nodes = await self._router.nodes()
-        index_text, _, after = cursor.partition(".") if cursor else ("0", "", "0")
-        index = int(index_text) if index_text.isdigit() else 0
+        node, _, after = cursor.rpartition("#") if cursor else (nodes[0], "", "0")
+        index = bisect.bisect_left(nodes, node)
+        if index >= len(nodes) or nodes[index] != node:
+            after = "0"  # that master is gone: the next one, from its start
         # SCAN's COUNT is how many keys it looks at, matching or not: in a big keyspace a page
         # takes several short SCANs (each a bounded step for Redis), up to a bound per call.
         paths: list[str] = []
@@ -97,10 +101,10 @@ class RedisRecords:
             paths += [_unescape(_text(key)[start:-3]) for key in keys]
             after = _text(reply) if isinstance(reply, bytes) else str(reply)  # redis-py parses it to an int
             if after == "0":
-                index, after = index + 1, "0"
+                index += 1
             if len(paths) >= count:
                 break
-        return paths, "" if index >= len(nodes) else f"{index}.{after}"
+        return paths, "" if index >= len(nodes) else f"{nodes[index]}#{after}"
 
     async def _command_on(self, node: str, *args: Any) -> Any:
         return await mapped(self._router.command_on(node, *args))

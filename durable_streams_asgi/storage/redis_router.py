@@ -11,12 +11,13 @@ within the shard that owns the stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import AskError, ClusterDownError, MovedError, NoScriptError, TryAgainError
+from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
 
 from ..notifier import Notifier
 from ..notifier_cluster import ShardedNotifier
@@ -49,7 +50,7 @@ class Router(Protocol):
     def register(self, source: str) -> AsyncScript: ...
     async def script(
         self, script: AsyncScript, stream: str | None, keys: list[str], args: tuple[Any, ...],
-        resend: tuple[Any, ...] | None = None,
+        resend: tuple[Any, ...] | None = None, channel: bytes | None = None,
     ) -> Any: ...  # fmt: skip
     async def run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any: ...
     async def command(self, *args: Any) -> Any: ...
@@ -73,7 +74,7 @@ class SingleRouter:
 
     async def script(
         self, script: AsyncScript, stream: str | None, keys: list[str], args: tuple[Any, ...],
-        resend: tuple[Any, ...] | None = None,
+        resend: tuple[Any, ...] | None = None, channel: bytes | None = None,
     ) -> Any:  # fmt: skip
         return await self._batcher.call(script, stream, keys, args, resend=resend)
 
@@ -111,80 +112,85 @@ class ClusterRouter:
         return AsyncScript(self.topology.any_client, source)
 
     def _batcher(self, node: str) -> ScriptBatcher:
+        client = self.topology.client(node)
         batcher = self._batchers.get(node)
-        if batcher is None:
-            batcher = self._batchers[node] = ScriptBatcher(self.topology.client(node))
+        if batcher is None or batcher.client is not client:  # (a node whose client was replaced)
+            batcher = self._batchers[node] = ScriptBatcher(client)
         return batcher
 
-    async def _routed(self, key: str | bytes, call: Callable[[str, bool], Awaitable[Any]]) -> Any:
-        """``call(node, asking)`` on the node serving ``key``, following the cluster's answers."""
+    async def _routed(self, key: str | bytes, call: Callable[[str, bool, int], Awaitable[Any]]) -> Any:
+        """``call(node, asking, attempt)`` on the node serving ``key``, following the cluster's
+        answers; ``attempt`` counts from 0."""
         slot = slot_of(key)
         asking: str | None = None
         loop = asyncio.get_running_loop()
         give_up = loop.time() + _PATIENCE
         pause = 0.005
+        attempt = 0
         while loop.time() < give_up:
             node = asking or await self.topology.node(slot)
             try:
-                return await call(node, asking is not None)
+                return await call(node, asking is not None, attempt)
             except MovedError as exc:  # (a subclass of AskError)
                 self.topology.moved(exc.slot_id, exc.host, exc.port)
                 asking = None
+                if attempt:  # moved again: nodes that disagree for a moment, not a tight loop
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, _MAX_PAUSE)
             except AskError as exc:
                 asking = f"{exc.host}:{exc.port}"
-            except TryAgainError:
+            except (TryAgainError, ClusterDownError) as exc:
                 asking = None
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, _MAX_PAUSE)
-            except ClusterDownError:
-                asking = None
-                self.topology.schedule_refresh()
+                if isinstance(exc, ClusterDownError):
+                    self.topology.schedule_refresh()
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, _MAX_PAUSE)
             except UNAVAILABLE:
                 # The master may have failed: look for its replica's promotion meanwhile.
-                self.topology.schedule_refresh()
+                self.topology.suspect(node)
                 raise
+            attempt += 1
         raise StorageUnavailable("Redis Cluster kept redirecting the call (slots moving?)")
 
     async def script(
         self, script: AsyncScript, stream: str | None, keys: list[str], args: tuple[Any, ...],
-        resend: tuple[Any, ...] | None = None,
+        resend: tuple[Any, ...] | None = None, channel: bytes | None = None,
     ) -> Any:  # fmt: skip
-        async def call(node: str, asking: bool) -> Any:
-            if asking:
-                return await self._asking(node, script, keys, list(args))
-            return await self._batcher(node).call(script, stream, keys, args, resend=resend)
+        """``channel``: the stream's notification channel, for a script that publishes on it."""
+        source: list[str] = []
+
+        async def call(node: str, asking: bool, attempt: int) -> Any:
+            # After a first attempt, the script may have run (its reply lost, and the batcher's
+            # own resend answered MOVED or TRYAGAIN): from then on it is always sent as a resend,
+            # which finds its own earlier run.
+            sending = args if attempt == 0 or resend is None else resend
+            if not asking:
+                source[:] = [node]
+                return await self._batcher(node).call(script, stream, keys, sending, resend=resend)
+            reply = await self._batcher(node).call(script, stream, keys, sending, resend=resend, asking=True)
+            if channel is not None and source:
+                # Mid-migration, the slot's channels are still served by the source until the
+                # slot is handed over: the target's publication reaches none of its readers.
+                with contextlib.suppress(Exception):
+                    await self.topology.client(source[0]).execute_command("SPUBLISH", channel, b"moved")
+            return reply
 
         return await self._routed(keys[0], call)
 
     async def run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-        async def call(node: str, asking: bool) -> Any:
+        async def call(node: str, asking: bool, attempt: int) -> Any:
             if asking:
-                return await self._asking(node, script, keys, args)
+                return await self._batcher(node).call(script, keys[0], keys, tuple(args), asking=True)
             return await script(keys=keys, args=args, client=self.topology.client(node))
 
         return await self._routed(keys[0], call)
 
-    async def _asking(self, node: str, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-        """The script on a slot's migration target: ``ASKING`` first, on the same connection."""
-        client = self.topology.client(node)
-        for _ in range(2):
-            pipe = client.pipeline(transaction=False)
-            pipe.execute_command("ASKING")
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-            try:
-                return (await pipe.execute())[1]
-            except NoScriptError:
-                await client.script_load(script.script)
-        raise StorageUnavailable("Redis Cluster node keeps forgetting the scripts")
-
     async def command(self, *args: Any) -> Any:
         name = str(args[0]).upper()
         if name in _KEYLESS or len(args) < 2:
-            return await self.topology.any_client.execute_command(*args)
+            return await self._anywhere(*args)
 
-        async def call(node: str, asking: bool) -> Any:
+        async def call(node: str, asking: bool, attempt: int) -> Any:
             client = self.topology.client(node)
             if not asking:
                 return await client.execute_command(*args)
@@ -195,11 +201,27 @@ class ClusterRouter:
 
         return await self._routed(args[1], call)
 
+    async def _anywhere(self, *args: Any) -> Any:
+        """A command that any master answers (the clock, a ping): the next master if one fails."""
+        masters = await self.topology.masters()
+        for i, node in enumerate(masters):
+            try:
+                return await self.topology.client(node).execute_command(*args)
+            except UNAVAILABLE:
+                self.topology.suspect(node)
+                if i == len(masters) - 1:
+                    raise
+        raise StorageUnavailable("no Redis Cluster master answers")
+
     async def nodes(self) -> list[str]:
         return await self.topology.masters()
 
     async def command_on(self, node: str, *args: Any) -> Any:
-        return await self.topology.client(node).execute_command(*args)
+        try:
+            return await self.topology.client(node).execute_command(*args)
+        except UNAVAILABLE:
+            self.topology.suspect(node)
+            raise
 
     def notifier(self) -> LiveNotifier:
         return ShardedNotifier(self.topology)
