@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.crc import key_slot
@@ -69,6 +70,11 @@ def test_cluster_urls() -> None:
     assert seeds == [("a", 7000), ("::1", 7001)]
     assert template.format(host="h", port=1) == "redis://u%40x:p%3Aw@h:1/0"
     assert parse_cluster_url("rediss+cluster://a:1")[1].startswith("rediss://")
+    # An IPv6 node name goes back into its URL in brackets.
+    from durable_streams_asgi.storage.redis_cluster import ClusterTopology
+
+    topology = ClusterTopology([("::1", 7001)], template, {})
+    assert topology.client("::1:7001").connection_pool.connection_kwargs["host"] == "::1"
     for bad in ("redis+cluster://a", "redis+cluster://a:x", "redis+cluster://a:1/3"):
         with pytest.raises(UsageError):
             make_storage(bad)
@@ -202,14 +208,16 @@ async def test_a_master_killed_under_load_fails_over(tmp_path: Path) -> None:
 
 async def _kill_a_master_under_load(cluster: LocalCluster) -> None:
     prefix = unique_prefix()
-    reader, writer = (RedisStorage.from_url(cluster.url, key_prefix=prefix) for _ in range(2))
+    reader, writer, bystander = (RedisStorage.from_url(cluster.url, key_prefix=prefix) for _ in range(3))
     tasks: list[asyncio.Future[None]] = []
     try:
         paths = paths_on_every_master(cluster, 2)
-        victim = cluster.master_of_slot(slot(paths[0]))
+        # The master of slot 0: the one commands without a key (the clock) went to first.
+        victim = cluster.master_of_slot(0)
         doomed = [path for path in paths if cluster.master_of_slot(slot(path)) == victim]
         for path in paths:
             await writer.create(path, TEXT)
+        await bystander.head(next(path for path in paths if path not in doomed))
         acknowledged: dict[str, list[int]] = {path: [] for path in paths}
         unavailable: dict[str, int] = {path: 0 for path in paths}
         lost_by_gap: dict[str, int] = {path: 0 for path in paths}
@@ -268,6 +276,18 @@ async def _kill_a_master_under_load(cluster: LocalCluster) -> None:
             return await reader.ready() is None
 
         await eventually(ready, 5)
+        # A process that only ever used the healthy shards still forks (which reads the clock, a
+        # command without a key, that went to the dead master first) within a moment.
+        healthy = next(path for path in paths if path not in doomed)
+
+        async def forked() -> bool:
+            try:
+                await bystander.create("/fork-after", StreamConfig(content_type=None, fork_from=healthy))
+            except StorageUnavailable:
+                return False
+            return True
+
+        await eventually(forked, 5)
         await asyncio.sleep(1.0)  # some writes after the failover, on every stream
         stop.set()
         await asyncio.gather(*writers)
@@ -293,5 +313,139 @@ async def _kill_a_master_under_load(cluster: LocalCluster) -> None:
         for task in tasks:  # a failed assertion leaves them running
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await reader.aclose()
+        await writer.aclose()
+        await bystander.aclose()
+
+
+async def wait_resolved_or_fail(future: asyncio.Future[None], timeout: float) -> None:
+    from durable_streams_asgi.storage.common import wait_resolved
+
+    assert await wait_resolved(future, timeout), f"not woken within {timeout} s"
+
+
+BUSY = (
+    "local s = redis.call('TIME'); local t0 = s[1] * 1e6 + s[2]\n"
+    "while true do local n = redis.call('TIME'); if n[1] * 1e6 + n[2] - t0 > tonumber(ARGV[1]) then break end end\n"
+    "return 1"
+)
+
+
+async def test_mid_migration_appends_wake_readers_and_are_applied_once(cluster: LocalCluster) -> None:
+    """All keys of a stream (with a producer and a fork, so every one exists) already on the
+    slot's target, the slot not handed over yet: appends follow ASK to the target. The reader,
+    subscribed on the source (which serves the slot's channels until the handover), is woken, and
+    an append whose reply is slow (a busy target, past the socket timeout) is applied once."""
+    prefix = unique_prefix()
+    writer = RedisStorage.from_url(cluster.url, key_prefix=prefix, socket_timeout=0.5)
+    reader = RedisStorage.from_url(cluster.url, key_prefix=prefix)
+    try:
+        path = "/asked"
+        await writer.create(path, TEXT)
+        await writer.append(path, AppendRequest("text/plain", [b"P,"], producer=Producer("p", 0, 0)))
+        await writer.create("/asked-fork", StreamConfig(content_type=None, fork_from=path))
+        s = slot(path)
+        source = cluster.master_of_slot(s)
+        target = next(port for port in cluster.masters() if port != source)
+        keys = [f"{prefix}{{{path}}}:{k}" for k in "mdpf"]
+        tail = (await reader.head(path)).tail
+        watch = await reader.watch(path, tail)  # subscribed on the source, and checked: waiting
+        assert not watch.future.done()
+        assert ask(target, "CLUSTER", "SETSLOT", str(s), "IMPORTING", cluster.node_id(source)) in (True, b"OK")
+        assert ask(source, "CLUSTER", "SETSLOT", str(s), "MIGRATING", cluster.node_id(target)) in (True, b"OK")
+        assert ask(source, "MIGRATE", "127.0.0.1", str(target), "", "0", "5000", "KEYS", *keys) in (True, b"OK")
+        await writer.append(path, AppendRequest("text/plain", [b"A,"]))
+        try:
+            await wait_resolved_or_fail(watch.future, 3)  # woken before the handover
+        finally:
+            watch.close()
+        busy = asyncio.get_running_loop().run_in_executor(None, lambda: ask(target, "EVAL", BUSY, "0", "800000"))
+        await asyncio.sleep(0.05)  # (the busy script has started)
+        await writer.append(path, AppendRequest("text/plain", [b"B,"]))
+        await busy
+        for port in cluster.masters():
+            ask(port, "CLUSTER", "SETSLOT", str(s), "NODE", cluster.node_id(target))
+        assert b"".join((await reader.read(path, 0, 1 << 20)).items) == b"P,A,B,"
+    finally:
+        await writer.aclose()
+        await reader.aclose()
+
+
+async def test_a_lost_reply_then_a_moved_slot_applies_an_append_once(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis runs the append, the reply is lost with the connection, the slot moves meanwhile:
+    the batcher's resend is answered MOVED, and the append sent on to the new master must still
+    be recognised as already applied (fault: the reply read, then the connection failed)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from durable_streams_asgi.storage.redis_batch import ScriptBatcher
+
+    prefix = unique_prefix()
+    storage = RedisStorage.from_url(cluster.url, key_prefix=prefix)
+    path = "/once"
+    original = ScriptBatcher._exchange
+    armed: dict[str, Any] = {"on": False}
+
+    async def exchange(self: ScriptBatcher, connection: Any, batch: list[Any], deadline: float | None) -> Any:
+        if not (armed["on"] and any(call.stream == path for call in batch)):
+            return await original(self, connection, batch, deadline)
+        armed["on"] = False
+        read = connection.read_response
+
+        async def lossy(*args: Any, **kwargs: Any) -> Any:
+            await read(*args, **kwargs)  # Redis ran the append; its reply is lost on the way
+            await asyncio.to_thread(armed["migrate"])
+            raise RedisConnectionError("connection lost before the reply was read")
+
+        connection.read_response = lossy
+        try:
+            return await original(self, connection, batch, deadline)
+        finally:
+            del connection.read_response
+
+    monkeypatch.setattr(ScriptBatcher, "_exchange", exchange)
+    try:
+        await storage.create(path, TEXT)
+        s = slot(path)
+        source = cluster.master_of_slot(s)
+        target = next(port for port in cluster.masters() if port != source)
+        armed["migrate"] = lambda: cluster.migrate_slot(s, target)
+        await storage.append(path, AppendRequest("text/plain", [b"warm,"]))
+        armed["on"] = True
+        await storage.append(path, AppendRequest("text/plain", [b"once,"]))
+        assert cluster.master_of_slot(s) == target
+        assert b"".join((await storage.read(path, 0, 1 << 20)).items) == b"warm,once,"
+    finally:
+        await storage.aclose()
+
+
+async def test_a_subscription_refused_by_a_stale_map_disturbs_no_other_reader(cluster: LocalCluster) -> None:
+    """A slot moved and this process has not heard yet: its SSUBSCRIBE for that slot's stream is
+    refused with MOVED by the old master. The waiter goes on to the new master at once, and the
+    other live readers on the old master are not woken for nothing."""
+    prefix = unique_prefix()
+    reader, writer = (RedisStorage.from_url(cluster.url, key_prefix=prefix) for _ in range(2))
+    watches = []
+    try:
+        old = cluster.masters()[0]
+        new = cluster.masters()[1]
+        on_old = [p for p in (f"/idle/{i}" for i in range(400)) if cluster.master_of_slot(slot(p)) == old]
+        moving, idle = on_old[0], [p for p in on_old[1:] if slot(p) != slot(on_old[0])][:10]
+        for path in [moving, *idle]:
+            await writer.create(path, TEXT)
+        for path in idle:
+            watches.append(await reader.watch(path, 0))  # subscribed on the old master, waiting
+        assert not any(watch.future.done() for watch in watches)
+        await asyncio.to_thread(cluster.migrate_slot, slot(moving), new)  # behind the reader's back
+        started = time.monotonic()
+        assert await reader.wait_for_data(moving, 0, 1.0) is False  # subscribed where it is now
+        assert time.monotonic() - started < 3
+        assert not any(watch.future.done() for watch in watches)
+        await writer.append(moving, AppendRequest("text/plain", [b"x"]))
+        assert await reader.wait_for_data(moving, 0, 5)
+    finally:
+        for watch in watches:
+            watch.close()
         await reader.aclose()
         await writer.aclose()

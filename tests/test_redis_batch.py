@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
 from durable_streams_asgi.storage.base import AppendRequest, Producer, StorageUnavailable, StreamConfig
 from durable_streams_asgi.storage.redis import RedisStorage
+from durable_streams_asgi.storage.redis_batch import ScriptBatcher
 
 from .conftest import unique_prefix
 
@@ -207,3 +209,50 @@ async def test_calls_queued_as_the_storage_closes_are_still_sent(redis_url: str)
         assert await admin.hget(storage._keys("/q")[0], "tail") == b"4"
     finally:
         await admin.aclose()
+
+
+async def test_a_connection_lost_while_reloading_scripts_leaves_no_caller_waiting(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis forgot the scripts (a restart, a promoted replica: the script cache is not
+    replicated), so the call is answered NOSCRIPT and the batcher sends SCRIPT LOAD; the
+    connection dies before that reply (fault: the reply lost). The call did not run, so it is sent
+    again, and its caller gets an answer instead of waiting forever."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    original = ScriptBatcher._exchange
+    armed = {"on": True}
+
+    async def exchange(self: ScriptBatcher, connection: Any, batch: list[Any], deadline: float | None) -> Any:
+        if not armed["on"]:
+            return await original(self, connection, batch, deadline)
+        send = connection.send_command
+
+        async def send_command(*args: Any, **kwargs: Any) -> Any:
+            await send(*args, **kwargs)
+            if args[:2] == ("SCRIPT", "LOAD"):
+                armed["on"] = False
+
+                async def lost(*_: Any, **__: Any) -> Any:
+                    del connection.read_response
+                    raise RedisConnectionError("connection lost before the SCRIPT LOAD reply")
+
+                connection.read_response = lost
+
+        connection.send_command = send_command
+        try:
+            return await original(self, connection, batch, deadline)
+        finally:
+            del connection.send_command
+
+    storage = RedisStorage.from_url(redis_url, key_prefix=unique_prefix())
+    admin = Redis.from_url(redis_url)
+    try:
+        await admin.script_flush()
+        monkeypatch.setattr(ScriptBatcher, "_exchange", exchange)
+        created = await asyncio.wait_for(storage.create("/reload", StreamConfig(content_type=TEXT), [b"x"]), 10)
+        assert created.created and not armed["on"]  # the fault happened, and the call still ran once
+        assert (await storage.read("/reload", 0, 10)).items == [b"x"]
+    finally:
+        await admin.aclose()
+        await storage.aclose()
