@@ -546,20 +546,20 @@ async def test_a_call_begun_before_a_moment_never_answers_for_after_it(
 
     try:
         monkeypatch.setattr(loop, "time", lambda: 1000.0)  # every clock reading ties
-        first = asyncio.ensure_future(storage._shared(("head", "/s"), early))
+        first = asyncio.ensure_future(storage._calls.run(("head", "/s"), early))
         await asyncio.sleep(0)  # under way
-        moment = storage._moment()
-        second = asyncio.ensure_future(storage._shared(("head", "/s"), fresh, since=moment))
+        moment = storage._calls.moment()
+        second = asyncio.ensure_future(storage._calls.run(("head", "/s"), fresh, since=moment))
         for _ in range(20):  # a few loop turns: a fresh call is answered, a joined one waits on
             await asyncio.sleep(0)
         assert second.done(), "joined a call begun before its moment"
         assert second.result() == "snapshot from after"
-        joined = asyncio.ensure_future(storage._shared(("head", "/s"), fresh))  # no moment: may join
+        joined = asyncio.ensure_future(storage._calls.run(("head", "/s"), fresh))  # no moment: may join
         monkeypatch.undo()
         release.set()
         assert await first == "snapshot from before"
         assert await joined in ("snapshot from before", "snapshot from after")
-        assert storage._moment() > moment
+        assert storage._calls.moment() > moment
     finally:
         monkeypatch.undo()
         await storage.aclose()

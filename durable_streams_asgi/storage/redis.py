@@ -31,16 +31,14 @@ import asyncio
 import contextlib
 import functools
 import itertools
-import json
 import logging
 import uuid
 import zlib
 from collections.abc import Sequence
-from dataclasses import replace
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ResponseError
@@ -64,7 +62,6 @@ from .base import (
     StorageUnavailable,
     StreamClosed,
     StreamConfig,
-    StreamExists,
     StreamGone,
     StreamInfo,
     StreamNotFound,
@@ -72,22 +69,20 @@ from .base import (
 )
 from .common import (
     DEFAULT_CONTENT_TYPE,
-    config_matches,
     is_json_content_type,
     media_type,
     resolved_watch,
     wait_for_data,
 )
 from .memory_records import AppendObservers
-from .redis_cluster import ClusterTopology, is_cluster_url, parse_cluster_url
 from .redis_errors import UNAVAILABLE as _UNAVAILABLE
 from .redis_errors import response_error as _response_error
 from .redis_forks import ForkReferences
-from .redis_layout import _entries, _escape, _fork_origin, _info, _take, _text
+from .redis_layout import _entries, _escape, _fork_origin, _info, _take, _text, create_record, existing_stream
 from .redis_leases import RedisLeases
 from .redis_records import RedisRecords
-from .redis_router import ClusterRouter, LiveNotifier, Router, SingleRouter
-from .redis_sentinel import is_sentinel_url, sentinel_client
+from .redis_router import LiveNotifier, Router, SingleRouter, router_from_url
+from .shared_calls import SharedCalls
 
 logger = logging.getLogger("durable_streams_asgi.redis")
 
@@ -149,7 +144,7 @@ class RedisStorage(ForkReferences, AppendObservers):
     ) -> None:
         if "{" in key_prefix or "}" in key_prefix:
             raise ValueError("key_prefix must not contain '{' or '}' (they mark Redis Cluster hash tags)")
-        if (client is None) == (router is None):
+        if client is None and router is None:
             raise TypeError("RedisStorage takes a client or a router")
         self._client = client
         self._router: Router = router or SingleRouter(client)  # type: ignore[arg-type]
@@ -166,10 +161,7 @@ class RedisStorage(ForkReferences, AppendObservers):
         self._nonces = itertools.count()
         self._notifier: LiveNotifier | None = None
         self._sweeper: asyncio.Task[None] | None = None
-        self._inflight: dict[tuple[Any, ...], tuple[asyncio.Future[Any], int]] = {}
-        # Orders shared calls against moments (a subscription confirmed): a counter, since clock
-        # readings can tie (uvloop's loop.time() has a 1 ms resolution).
-        self._order = itertools.count(1)
+        self._calls = SharedCalls()  # identical concurrent reads and heads: one round trip
         self.sweep_interval = 5.0
 
     @classmethod
@@ -194,13 +186,8 @@ class RedisStorage(ForkReferences, AppendObservers):
         }
         options.update(redis_options)
         options["decode_responses"] = False
-        if is_sentinel_url(url):
-            return cls(sentinel_client(url, options), key_prefix=key_prefix, owns_client=True)
-        if is_cluster_url(url):
-            seeds, node_url = parse_cluster_url(url)
-            return cls(router=ClusterRouter(ClusterTopology(seeds, node_url, options)), key_prefix=key_prefix)
-        pool = BlockingConnectionPool.from_url(url, **options)
-        return cls(Redis(connection_pool=pool), key_prefix=key_prefix, owns_client=True)
+        client, router = router_from_url(url, options)
+        return cls(client, router=router, key_prefix=key_prefix, owns_client=True)
 
     @property
     def client(self) -> Redis:
@@ -265,37 +252,6 @@ class RedisStorage(ForkReferences, AppendObservers):
 
     # -- create ----------------------------------------------------------------------------------
 
-    @staticmethod
-    def _request_record(config: StreamConfig, fork_offset: int | None) -> str:
-        return json.dumps(
-            {
-                "ct": config.content_type,
-                "ttl": config.ttl_seconds,
-                "exp": config.expires_at,
-                "src": config.fork_from,
-                "off": fork_offset,
-                "sub": config.fork_sub_offset,
-            },
-            separators=(",", ":"),
-        )
-
-    def _existing(self, result: list[Any], config: StreamConfig) -> CreateResult:
-        status, record = result[0], json.loads(result[1] or b"{}")
-        if status != b"ok":
-            raise StreamExists("soft-deleted stream at this path")
-        info = _info(result[2:])
-        requested = StreamConfig(
-            content_type=record.get("ct"),
-            ttl_seconds=record.get("ttl"),
-            expires_at=record.get("exp"),
-            fork_from=record.get("src"),
-            fork_sub_offset=record.get("sub", 0),
-        )
-        resolved = replace(requested, content_type=info.content_type, fork_offset=record.get("off"))
-        if not config_matches(requested, resolved, info.closed, config):
-            raise StreamExists("stream exists with a different configuration")
-        return CreateResult(created=False, info=info)
-
     async def create(self, path: str, config: StreamConfig, items: Sequence[bytes] = ()) -> CreateResult:
         if config.fork_from is not None:
             return await self._create_fork(path, config, items)
@@ -327,7 +283,7 @@ class RedisStorage(ForkReferences, AppendObservers):
             "" if ttl is None else str(ttl),
             "" if expires_at is None else str(round(expires_at * 1000)),
             "1" if config.closed else "0",
-            self._request_record(config, fork_offset),
+            create_record(config, fork_offset),
             config.fork_from or "",
             str(base),
             *_entries(items, is_json, self._entry_size),
@@ -339,7 +295,7 @@ class RedisStorage(ForkReferences, AppendObservers):
             if self._append_observers and items:
                 self._observed(path, info.tail - _units(items, is_json), info.tail)
             return CreateResult(created=True, info=info)
-        return self._existing(result, config)
+        return existing_stream(result, config)
 
     # -- append ----------------------------------------------------------------------------------
 
@@ -397,32 +353,8 @@ class RedisStorage(ForkReferences, AppendObservers):
     # -- read ------------------------------------------------------------------------------------
 
     async def read(self, path: str, start: int | None, max_bytes: int) -> ReadResult:
-        # One append wakes every reader of the stream at once, and they all read the same range:
-        # identical concurrent reads share one round trip (and its snapshot, which each of them
-        # could have got on its own).
-        return await self._shared(("read", path, start, max_bytes), self._read, path, start, max_bytes)
-
-    def _moment(self) -> int:
-        """A point in this storage's order of shared calls (see :meth:`_shared`)."""
-        return next(self._order)
-
-    async def _shared(self, key: tuple[Any, ...], fn: Any, *args: Any, since: int = 0) -> Any:
-        """Run ``fn(*args)``, or join an identical call already under way that started after the
-        moment ``since`` (from :meth:`_moment`): a caller that needs state newer than some moment
-        must not get an answer read before it."""
-        entry = self._inflight.get(key)
-        if entry is None or entry[1] < since:
-            task = asyncio.ensure_future(fn(*args))
-            entry = (task, self._moment())
-            self._inflight[key] = entry
-
-            def forget(_: Any, key: tuple[Any, ...] = key, entry: Any = entry) -> None:
-                if self._inflight.get(key) is entry:
-                    del self._inflight[key]
-
-            task.add_done_callback(forget)
-        # Shielded: one caller leaving (a client that disconnected) must not cancel the others'.
-        return await asyncio.shield(entry[0])
+        # One append wakes every reader of the stream at once, and they all read the same range.
+        return await self._calls.run(("read", path, start, max_bytes), self._read, path, start, max_bytes)
 
     async def _read(self, path: str, start: int | None, max_bytes: int) -> ReadResult:
         result = await self._call("read", path, "" if start is None else str(start), str(max_bytes), "1")
@@ -493,7 +425,7 @@ class RedisStorage(ForkReferences, AppendObservers):
         return await self._read_own(path, position, limit, is_json, budget, out, size)
 
     async def head(self, path: str) -> StreamInfo:
-        return await self._shared(("head", path), self._head, path)
+        return await self._calls.run(("head", path), self._head, path)
 
     async def _head(self, path: str) -> StreamInfo:
         result = await self._call("head", path)
@@ -571,11 +503,11 @@ class RedisStorage(ForkReferences, AppendObservers):
         # Subscribed and confirmed: from here on, any change resolves ``future``. Then the final
         # "is there new data?" check, so that no write slips between it and the wait. Waiters
         # subscribed together share it, but only one begun after this point.
-        confirmed = self._moment()
+        confirmed = self._calls.moment()
         future = ch.future
         try:
             try:
-                info = await self._shared(("head", path), self._head, path, since=confirmed)
+                info = await self._calls.run(("head", path), self._head, path, since=confirmed)
             except (StreamNotFound, StreamGone):
                 info = None
         except BaseException:

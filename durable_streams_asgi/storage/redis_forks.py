@@ -30,7 +30,7 @@ from .base import (
     StreamExists,
 )
 from .common import media_type
-from .redis_layout import _text
+from .redis_layout import _text, existing_stream
 
 logger = logging.getLogger("durable_streams_asgi.redis")
 
@@ -53,7 +53,6 @@ class ForkReferences:
         async def _command(self, *args: Any) -> Any: ...
         def _keys(self, path: str) -> list[str]: ...
         async def _time_ms(self) -> int: ...
-        def _existing(self, result: list[Any], config: StreamConfig) -> CreateResult: ...
         async def _create(
             self,
             path: str,
@@ -81,7 +80,7 @@ class ForkReferences:
         # An existing stream at the path answers without touching the source.
         existing = await self._call("head", path)
         if existing[0] != b"missing":
-            return self._existing(existing, config)
+            return existing_stream(existing, config)
         stream_id = uuid.uuid4().hex[:16]
         member = f"{path}\n{stream_id}"
         indexed = f"{member}\n{source}"

@@ -1,11 +1,15 @@
-"""The Redis key layout's encodings, data entries, and the decoding of script replies, shared by the
-storage and its fork-reference management."""
+"""The Redis key layout's encodings, data entries, the creating request's record, and the decoding
+of script replies, shared by the storage and its fork-reference management."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
-from .base import StreamInfo
+from .base import CreateResult, StreamConfig, StreamExists, StreamInfo
+from .common import config_matches
 
 
 def _escape(path: str) -> str:
@@ -66,3 +70,38 @@ def _take(
     piece = data if lo == 0 and hi == len(data) else data[lo:hi]
     out.append(piece)
     return position + len(piece), size + len(piece)
+
+
+def create_record(config: StreamConfig, fork_offset: int | None) -> str:
+    """The creating request, stored with the stream (``rq``), so that a repeated create can be
+    told identical (200) from conflicting (409)."""
+    return json.dumps(
+        {
+            "ct": config.content_type,
+            "ttl": config.ttl_seconds,
+            "exp": config.expires_at,
+            "src": config.fork_from,
+            "off": fork_offset,
+            "sub": config.fork_sub_offset,
+        },
+        separators=(",", ":"),
+    )
+
+
+def existing_stream(result: list[Any], config: StreamConfig) -> CreateResult:
+    """A create script's reply for a stream that was there already: the same one, or a conflict."""
+    status, record = result[0], json.loads(result[1] or b"{}")
+    if status != b"ok":
+        raise StreamExists("soft-deleted stream at this path")
+    info = _info(result[2:])
+    requested = StreamConfig(
+        content_type=record.get("ct"),
+        ttl_seconds=record.get("ttl"),
+        expires_at=record.get("exp"),
+        fork_from=record.get("src"),
+        fork_sub_offset=record.get("sub", 0),
+    )
+    resolved = replace(requested, content_type=info.content_type, fork_offset=record.get("off"))
+    if not config_matches(requested, resolved, info.closed, config):
+        raise StreamExists("stream exists with a different configuration")
+    return CreateResult(created=False, info=info)

@@ -15,7 +15,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
 
@@ -23,8 +23,9 @@ from ..notifier import Notifier
 from ..notifier_cluster import ShardedNotifier
 from .base import StorageUnavailable
 from .redis_batch import ScriptBatcher
-from .redis_cluster import ClusterTopology, slot_of
+from .redis_cluster import ClusterTopology, is_cluster_url, parse_cluster_url, slot_of
 from .redis_errors import UNAVAILABLE
+from .redis_sentinel import is_sentinel_url, sentinel_client
 
 # Commands that name no key: any node answers them.
 _KEYLESS = frozenset({"TIME", "PING", "SCAN", "CLUSTER", "INFO"})
@@ -33,6 +34,20 @@ _KEYLESS = frozenset({"TIME", "PING", "SCAN", "CLUSTER", "INFO"})
 # producers yet) on the slot's target, answer TRYAGAIN until the whole slot has moved.
 _PATIENCE = 3.0
 _MAX_PAUSE = 0.2
+
+
+def router_from_url(url: str, options: dict[str, Any]) -> tuple[Redis | None, Router]:
+    """The client (None for a cluster) and the router for a Redis URL: ``redis://``, ``rediss://``,
+    ``unix://``, ``redis+sentinel://`` (see :mod:`.redis_sentinel`) or ``redis+cluster://`` (see
+    :mod:`.redis_cluster`), every connection made with ``options``."""
+    if is_cluster_url(url):
+        seeds, node_url = parse_cluster_url(url)
+        return None, ClusterRouter(ClusterTopology(seeds, node_url, options))
+    if is_sentinel_url(url):
+        client = sentinel_client(url, options)
+    else:
+        client = Redis(connection_pool=BlockingConnectionPool.from_url(url, **options))
+    return client, SingleRouter(client)
 
 
 class LiveNotifier(Protocol):
