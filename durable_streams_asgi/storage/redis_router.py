@@ -221,8 +221,9 @@ class ClusterRouter:
         masters = await self.topology.masters()
         for i, node in enumerate(masters):
             try:
-                return await self.command_on(node, *args)
+                return await self.topology.client(node).execute_command(*args)
             except UNAVAILABLE:
+                self.topology.suspect(node)
                 if i == len(masters) - 1:
                     raise
         raise StorageUnavailable("no Redis Cluster master answers")
