@@ -30,6 +30,7 @@ from typing import Any, Literal
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from . import metrics, offsets
+from .aio import cancel_and_wait
 from .jsonmode import encode_message
 from .storage.base import (
     AppendRequest,
@@ -194,12 +195,7 @@ class GenerationRunner:
         if not tasks:
             return
         _, pending = await asyncio.wait(tasks, timeout=self.shutdown_timeout)
-        while pending:
-            # Cancel until they end: on Python 3.11 a cancellation can be lost inside
-            # asyncio.wait_for (which connection pools use), so one cancel() is not enough.
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=1.0)
+        await cancel_and_wait(pending)
 
     async def _append(self, path: str, request: AppendRequest, retry_for: float) -> None:
         try:

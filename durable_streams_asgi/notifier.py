@@ -34,6 +34,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import AskError, ResponseError
 
+from .aio import cancel_and_wait
 from .storage.common import wait_resolved
 
 logger = logging.getLogger("durable_streams_asgi.notifier")
@@ -408,12 +409,7 @@ class Notifier:
 
     async def aclose(self) -> None:
         self._closed = True
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._listener
-        for task in list(self._tasks):
-            task.cancel()
+        await cancel_and_wait([*([self._listener] if self._listener is not None else []), *self._tasks])
         for ch in self._channels.values():
             if ch.linger is not None:
                 ch.linger.cancel()

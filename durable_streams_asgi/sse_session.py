@@ -29,6 +29,7 @@ from typing import Any
 from starlette.types import Receive, Send
 
 from . import metrics, offsets, sse
+from .aio import cancel_and_wait
 from .drain import Drain
 from .options import Options
 from .storage.base import ReadResult, Storage, StorageError, Watch
@@ -200,11 +201,7 @@ class SSESession:
             self.listening = False
             self.done = True
             self._unpark()
-            pump = self.pump
-            if pump is not None:
-                pump.cancel()
-                with contextlib.suppress(BaseException):
-                    await pump
+            await cancel_and_wait(self.pump)
 
     # -- waking up ---------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..aio import cancel_and_wait
 from ..storage.base import Lease, StorageError, StorageUnavailable
 from ..streams import DurableStreams
 
@@ -141,11 +142,7 @@ class ChatRuntime:
     async def aclose(self) -> None:
         self._closed = True
         task, self._task = self._task, None
-        while task is not None and not task.done():
-            # Cancel until it ends: on Python 3.11 a cancellation can be lost inside redis-py's
-            # connection pool (asyncio.wait_for); the loop also stops on the closed flag.
-            task.cancel()
-            await asyncio.wait((task,), timeout=1.0)
+        await cancel_and_wait(task)  # (the loop also stops on the closed flag)
 
     async def _keep(self) -> None:
         interval = self.lease_ttl / 3

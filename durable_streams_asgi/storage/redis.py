@@ -44,6 +44,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ResponseError
 
 from .. import metrics
+from ..aio import cancel_and_wait
 from ..notifier import NotifierUnavailable
 from .base import (
     AppendRequest,
@@ -535,11 +536,8 @@ class RedisStorage(ForkReferences, AppendObservers):
         return await self._live().ready(_READY_TIMEOUT)
 
     async def aclose(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._sweeper
-            self._sweeper = None
+        await cancel_and_wait(self._sweeper)
+        self._sweeper = None
         if self._notifier is not None:
             await self._notifier.aclose()
             self._notifier = None

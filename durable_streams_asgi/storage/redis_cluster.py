@@ -27,6 +27,7 @@ from urllib.parse import quote, unquote, urlsplit
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
+from ..aio import cancel_and_wait
 from .base import StorageUnavailable
 
 logger = logging.getLogger("durable_streams_asgi.redis")
@@ -224,10 +225,7 @@ class ClusterTopology:
         self._closed = True
         if self._follow_up is not None:
             self._follow_up.cancel()
-        if self._refreshing is not None:
-            self._refreshing.cancel()
-            with contextlib.suppress(BaseException):
-                await self._refreshing
+        await cancel_and_wait(self._refreshing)
         for client in [*self._clients.values(), *self._retired]:
             with contextlib.suppress(Exception):
                 await client.aclose(close_connection_pool=True)

@@ -12,7 +12,6 @@ process's own appends (the storage's append observer), and :mod:`.scheduler` cat
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import secrets
@@ -22,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+from ..aio import cancel_and_wait
 from ..globs import PathGlob
 from ..storage.base import RecordConflict, Storage, StorageError, StreamGone, StreamNotFound
 from .keys import Keys
@@ -122,11 +122,7 @@ class Subscriptions:
             self._stop_observing()
         if self._scheduler is not None:
             await self._scheduler.aclose()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(list(self._tasks))
         await self.client.aclose()
 
     def spawn(self, work: Awaitable[Any], what: str) -> None:

@@ -17,6 +17,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..aio import cancel_and_wait
 from ..storage.base import StorageError
 from .manager import INDEX_KEY, INDEX_SPACE, SEND_CLAIM_MS, SPACE, State, Unchanged
 
@@ -52,11 +53,7 @@ class Scheduler:
 
     async def aclose(self) -> None:
         self.stopping = True
-        for loop in self._loops:
-            loop.cancel()
-        for loop in self._loops:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(loop, 5)
+        await cancel_and_wait(self._loops)
         if self.leading:
             with contextlib.suppress(StorageError):
                 await self.subs.storage.release_lease(LEASE_KEY, self.subs.process, self._fence)
