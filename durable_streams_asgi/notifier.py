@@ -266,6 +266,7 @@ class Notifier:
         if channels:
             logger.info("%s; waking waiters on %d channels to subscribe anew", why, len(channels))
         for channel in channels:
+            self._outstanding.pop(channel, None)  # (a command refused, or never to be answered)
             ch = self._channels.pop(channel, None)
             if ch is not None:
                 if ch.linger is not None:
@@ -366,8 +367,6 @@ class Notifier:
                         # One SSUBSCRIBE refused: this master no longer serves that slot. Only its
                         # channels go elsewhere; the connection and the other channels stay.
                         moved = [c for c in self._channels if key_slot(c) == exc.slot_id]
-                        for channel in moved:
-                            self._outstanding.pop(channel, None)
                         self._drop(moved, f"a live channel's slot is served elsewhere ({exc})")
                         message = None
                     now = asyncio.get_running_loop().time()

@@ -76,6 +76,21 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 30) -> None:
+    """Until ``condition()`` (a server's own state, read over its socket) holds; a server that
+    does not answer yet counts as not yet."""
+    from redis.exceptions import RedisError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError, RedisError):
+            if condition():
+                return
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout} s")
+        time.sleep(0.05)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -8,13 +8,14 @@ import contextlib
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+
+from .conftest import wait_until
 
 
 def free_port_pair() -> int:
@@ -39,18 +40,6 @@ def ask(port: int, *command: str) -> Any:
             return client.execute_command(*command)
         except redis.ResponseError as exc:
             return exc
-
-
-def wait_until(condition: object, what: str, timeout: float = 30) -> None:
-    """Until ``condition()`` (a server's own state, read over its socket) holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError, redis.RedisError):  # not up yet
-            if condition():  # type: ignore[operator]
-                return
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {timeout} s")
-        time.sleep(0.05)
 
 
 class LocalCluster:

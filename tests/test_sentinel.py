@@ -6,7 +6,6 @@ acknowledged (and had reached the replica) is still there, once."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import socket
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 from durable_streams_asgi.storage.base import AppendRequest, StorageUnavailable, StreamConfig
 from durable_streams_asgi.storage.redis import RedisStorage
 
-from .conftest import RedisServer, free_port, unique_prefix
+from .conftest import RedisServer, free_port, unique_prefix, wait_until
 
 SERVICE = "ds-test"
 
@@ -28,18 +27,6 @@ def _ask(port: int, command: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
         sock.sendall(command)
         return sock.recv(65536)
-
-
-def _wait(condition: object, what: str, timeout: float = 20) -> None:
-    """Until ``condition()`` (a server's own state, read over its socket) holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError):
-            if condition():  # type: ignore[operator]
-                return
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {timeout} s")
-        time.sleep(0.05)
 
 
 class Sentinels:
@@ -65,7 +52,7 @@ class Sentinels:
                 )
             )
         for port in self.ports:
-            _wait(lambda port=port: _ask(port, b"PING\r\n").startswith(b"+PONG"), f"sentinel on {port}")
+            wait_until(lambda port=port: _ask(port, b"PING\r\n").startswith(b"+PONG"), f"sentinel on {port}", 20)
 
     def master_port(self) -> int:
         reply = _ask(self.ports[0], f"SENTINEL get-master-addr-by-name {SERVICE}\r\n".encode())
@@ -88,16 +75,17 @@ def sentinel_setup(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer, S
     replica = RedisServer(tmp_path / "replica")
     replica.start()
     _ask(replica.port, f"REPLICAOF 127.0.0.1 {master.port}\r\n".encode())
-    _wait(lambda: b"master_link_status:up" in _ask(replica.port, b"INFO replication\r\n"), "replication")
+    wait_until(lambda: b"master_link_status:up" in _ask(replica.port, b"INFO replication\r\n"), "replication", 20)
     sentinels = Sentinels(tmp_path, master.port)
     # Every sentinel knows the replica and the other sentinels before a failover can be voted.
     for port in sentinels.ports:
-        _wait(
+        wait_until(
             lambda port=port: (
                 b"num-slaves\r\n$1\r\n1" in _ask(port, f"SENTINEL master {SERVICE}\r\n".encode())
                 and b"num-other-sentinels\r\n$1\r\n2" in _ask(port, f"SENTINEL master {SERVICE}\r\n".encode())
             ),
             "sentinels seeing each other and the replica",
+            20,
         )
     try:
         yield master, replica, sentinels
@@ -122,9 +110,10 @@ async def test_writes_and_live_reads_follow_a_failover(
         # Replication is asynchronous: wait until the replica has all of it, so that what this
         # test counts as lost is what a failover loses, not what was still in flight.
         await asyncio.to_thread(
-            _wait,
+            wait_until,
             lambda: _ask(master.port, b"WAIT 1 0\r\n").startswith(b":1"),
             "the replica catching up",
+            20,
         )
         reader = asyncio.ensure_future(storage.wait_for_data("/s", tail, 60))
         await asyncio.sleep(0.2)  # the reader's subscription is confirmed before its check; this only lets it start

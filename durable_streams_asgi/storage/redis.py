@@ -89,7 +89,6 @@ logger = logging.getLogger("durable_streams_asgi.redis")
 
 _SCRIPTS = ("create", "append", "read", "head", "delete", "fork_ref", "release")
 _READ_ONLY_SCRIPTS = frozenset({"read", "head"})  # (read refreshes a sliding TTL: harmless twice)
-_PUBLISHING_SCRIPTS = frozenset({"append", "delete"})  # they notify the stream's live readers
 
 
 # How long a readiness check waits for each of Redis and the pub/sub connection (seconds).
@@ -100,8 +99,8 @@ _READY_TIMEOUT = 2.0
 _FORK_INDEX_PARTS = 16
 
 
-def _fork_index(prefix: str, fork_path: str) -> str:
-    return f"{prefix}{{__ds:forks:{zlib.crc32(fork_path.encode()) % _FORK_INDEX_PARTS}}}"
+def _fork_index(prefix: str, part: int) -> str:
+    return f"{prefix}{{__ds:forks:{part}}}"
 
 
 def _count_appended(items: Sequence[bytes]) -> None:
@@ -205,24 +204,28 @@ class RedisStorage(ForkReferences, AppendObservers):
 
     def _index(self, indexed: str) -> str:
         """The part of the fork index that holds ``indexed`` (``<fork path>\n<id>\n<source>``)."""
-        return _fork_index(self._prefix, indexed.partition("\n")[0])
+        fork_path = indexed.partition("\n")[0]
+        return _fork_index(self._prefix, zlib.crc32(fork_path.encode()) % _FORK_INDEX_PARTS)
 
     @property
     def _indexes(self) -> list[str]:
         """Every part of the fork index: sorted sets of forks by when to check on them next,
         spread over :data:`_FORK_INDEX_PARTS` hash slots (so over a cluster's masters), and the
         single set of earlier versions, still swept."""
-        return [f"{self._prefix}{{__ds:forks:{n}}}" for n in range(_FORK_INDEX_PARTS)] + [f"{self._prefix}forks"]
+        return [_fork_index(self._prefix, n) for n in range(_FORK_INDEX_PARTS)] + [f"{self._prefix}forks"]
 
     def _channel(self, path: str) -> bytes:
         return f"{self._prefix}{{{_escape(path)}}}:n".encode()
 
-    async def _call(self, script: str, path: str, *args: Any, resend: tuple[Any, ...] | None = None) -> list[Any]:
+    async def _call(
+        self, script: str, path: str, *args: Any, resend: tuple[Any, ...] | None = None, channel: bytes | None = None
+    ) -> list[Any]:
+        """Run ``script`` on ``path``'s keys. ``channel``: the stream's notification channel, for a
+        script that publishes on it (the router may have to publish it again elsewhere)."""
         if self._sweeper is None:
             self._sweeper = asyncio.ensure_future(self._sweep_forever())
         try:
             stream = None if script in _READ_ONLY_SCRIPTS else path
-            channel = self._channel(path) if script in _PUBLISHING_SCRIPTS else None
             return await self._router.script(
                 self._scripts[script], stream, self._keys(path), args, resend=resend, channel=channel
             )
@@ -305,6 +308,7 @@ class RedisStorage(ForkReferences, AppendObservers):
         has_data = any(request.items)
         is_json = is_json_content_type(request.content_type)
         nonce = f"{self._nonce_prefix}{next(self._nonces):x}"
+        channel = self._channel(path)
         head = (
             media_type(request.content_type) if has_data else "",
             "1" if request.close else "0",
@@ -312,12 +316,13 @@ class RedisStorage(ForkReferences, AppendObservers):
             producer.id if producer else "",
             str(producer.epoch) if producer else "0",
             str(producer.seq) if producer else "0",
-            self._channel(path),
+            channel,
         )
         entries = _entries(request.items, is_json, self._entry_size) if has_data else ()
         # Sent again after a lost reply, the nonce is marked so the script looks for it among
         # the stream's recent appends (append.lua).
-        result = await self._call("append", path, *head, nonce, *entries, resend=(*head, "!" + nonce, *entries))
+        resend = (*head, "!" + nonce, *entries)
+        result = await self._call("append", path, *head, nonce, *entries, resend=resend, channel=channel)
         status = result[0]
         if status == b"ok":
             info = _info(result[1:])
@@ -437,7 +442,8 @@ class RedisStorage(ForkReferences, AppendObservers):
     # -- delete and fork references --------------------------------------------------------------
 
     async def delete(self, path: str) -> None:
-        result = await self._call("delete", path, self._channel(path))
+        channel = self._channel(path)
+        result = await self._call("delete", path, channel, channel=channel)
         status = result[0]
         if status == b"soft":
             return

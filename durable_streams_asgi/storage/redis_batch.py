@@ -100,7 +100,6 @@ class ScriptBatcher:
 
     def __init__(self, client: Redis) -> None:
         self.client = client
-        self._client = client
         encoder = client.connection_pool.get_encoder()
         self._encoding: str = encoder.encoding
         self._errors: str = encoder.encoding_errors
@@ -157,7 +156,7 @@ class ScriptBatcher:
                 call.future.set_exception(StorageUnavailable("Redis call not settled"))
 
     async def _send(self, batch: list[_Call]) -> None:
-        pool = self._client.connection_pool
+        pool = self.client.connection_pool
         connection = await pool.get_connection()
         try:
             pending = batch

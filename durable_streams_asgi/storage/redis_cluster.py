@@ -80,6 +80,7 @@ class ClusterTopology:
         self._node_url = node_url
         self._options = options
         self._slots: list[str] = []
+        self._masters: list[str] = []  # the names in _slots, sorted (kept with it)
         self._clients: dict[str, Redis] = {}
         self._retired: list[Redis] = []
         self._refreshing: asyncio.Task[None] | None = None
@@ -117,12 +118,13 @@ class ClusterTopology:
         """Every master, by name (``host:port``)."""
         if not self._slots:
             await self.refresh()
-        return sorted(set(self._slots))
+        return self._masters
 
     def moved(self, slot: int, host: str, port: int) -> None:
         """Redis said ``slot`` is served by ``host:port`` now: use that, and look at the rest."""
         if self._slots and 0 <= slot < len(self._slots):
             self._slots[slot] = f"{host}:{port}"
+            self._masters = sorted(set(self._slots))
         self.schedule_refresh()
 
     def suspect(self, node: str) -> None:
@@ -205,6 +207,7 @@ class ClusterTopology:
         changed = slots != self._slots
         self._slots = slots
         masters = set(slots)
+        self._masters = sorted(masters)
         for name in [name for name in self._clients if name not in masters and name not in self._seeds]:
             # Not closed at once: calls under way on it finish (or fail) on their own first.
             retired = self._clients.pop(name)

@@ -151,9 +151,10 @@ class ForkReferences:
             with contextlib.suppress(StorageError):
                 await self._command("ZADD", self._index(indexed), 0, indexed)
 
-    async def _unindex(self, indexed: str) -> None:
+    async def _unindex(self, indexed: str, index: str | None = None) -> None:
+        """Drop ``indexed`` from the fork index (from ``index``, the part it was found in, if given)."""
         with contextlib.suppress(StorageError):
-            await self._command("ZREM", self._index(indexed), indexed)
+            await self._command("ZREM", index or self._index(indexed), indexed)
 
     async def sweep(self) -> int:
         """Release the references of forks that are gone (expired by Redis, or never created
@@ -173,13 +174,13 @@ class ForkReferences:
             current, deadline = await self._command("HMGET", self._keys(fork_path)[0], "id", "dl")
             if current is not None and _text(current) == fork_id:
                 if not deadline:
-                    await self._command("ZREM", index, raw)
+                    await self._unindex(_text(raw), index)
                 else:
                     # A sliding TTL moved on, or the fork is kept for forks of its own: later.
                     await self._command("ZADD", index, max(int(deadline), now + _FORK_GRACE_MS), raw)
                 continue
             await self._release(source, f"{fork_path}\n{fork_id}")
-            await self._command("ZREM", index, raw)
+            await self._unindex(_text(raw), index)
             released += 1
         return released
 

@@ -221,9 +221,8 @@ class ClusterRouter:
         masters = await self.topology.masters()
         for i, node in enumerate(masters):
             try:
-                return await self.topology.client(node).execute_command(*args)
+                return await self.command_on(node, *args)
             except UNAVAILABLE:
-                self.topology.suspect(node)
                 if i == len(masters) - 1:
                     raise
         raise StorageUnavailable("no Redis Cluster master answers")
