@@ -418,6 +418,29 @@ def test_slow_and_oversized_clients_are_cut_off(strict_server: int) -> None:
         assert client.head("/slow").status_code == 404
 
 
+def test_each_request_on_a_kept_alive_connection_gets_its_own_head_time(strict_server: int) -> None:
+    """The head clock starts at each request's first byte: a second request that begins late on
+    a kept-alive connection is neither cut off by the first request's clock nor let go past its
+    own (the timer is not moved per request, so it must re-arm for the later deadline)."""
+    skip_unless_lean()
+    port = strict_server  # head timeout 1 s
+    request = b"HEAD /v1/stream/none HTTP/1.1\r\nHost: a\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(5)
+        for _ in range(2):  # two whole requests, answered, within the connection's first second
+            sock.sendall(request)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 404 ")
+        time.sleep(0.6)  # the client's own pace (not a synchronisation): past half the head time
+        began = time.monotonic()
+        sock.sendall(b"GET /v1/stream/x HTTP/1.1\r\nHost: a\r\n")  # half a head, then nothing
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        took = time.monotonic() - began
+    assert received.startswith(b"HTTP/1.1 408 "), received[:200]
+    assert 0.9 <= took < 3, took  # its own second, not what was left of the first request's
+
+
 def test_a_large_body_in_the_read_that_ends_its_head_is_no_431(strict_server: int) -> None:
     """Only head bytes count toward max_head_size: a request whose head and body (past the head
     limit) arrive in one read is served, and so is a second request in the same read."""
