@@ -4,9 +4,8 @@
 -- meta 'rn' holds the nonces of the last RECENT appends without producer, with the tail after each
 -- (';nonce:tail' each, newest first), 'rc' how many it holds.
 local RECENT = 16
-local now = now_ms()
 local m = load(KEYS[1])
-local st = state(m, now)
+local st = state(m)
 if st ~= 'ok' then
   return {st}
 end
@@ -63,7 +62,7 @@ end
 
 if m.closed == '1' then
   if not has_data and close then
-    touch(m, now)
+    touch(m)
     return {'closedok', unpack(info(m))}
   end
   return {'closed', m.tail}
@@ -98,7 +97,7 @@ if pid ~= '' then
   redis.call('HSET', KEYS[3], pid, int(epoch) .. ':' .. int(pseq))
 end
 if m.ttl ~= nil and m.ttl ~= '' then
-  touch(m, now)
+  touch(m)
 else
   apply_expiry(m)
 end

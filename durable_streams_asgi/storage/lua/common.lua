@@ -6,9 +6,15 @@
 -- Data entries have ID "<end position>-0" and one field "d", so "XRANGE (<pos> +" starts at
 -- the entry holding <pos>.
 
+-- Redis's clock, read once per script run and only where an expiry needs it: most streams have
+-- none, and a redis.call costs about as much as the rest of a small append together.
+local clock
 local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if clock == nil then
+    local t = redis.call('TIME')
+    clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return clock
 end
 
 local function int(n)
@@ -33,7 +39,7 @@ local function pinned(m)
 end
 
 -- 'ok', 'missing' or 'gone' (soft-deleted, or expired while forks still read from it).
-local function state(m, now)
+local function state(m)
   if m == nil then
     return 'missing'
   end
@@ -41,7 +47,7 @@ local function state(m, now)
     return 'gone'
   end
   local dl = tonumber(m.dl or '')
-  if dl ~= nil and now >= dl then
+  if dl ~= nil and now_ms() >= dl then
     if redis.call('SCARD', KEYS[4]) > 0 then
       return 'gone'
     end
@@ -68,9 +74,9 @@ local function apply_expiry(m)
 end
 
 -- Reset a sliding TTL (reads and writes do this; HEAD does not).
-local function touch(m, now)
+local function touch(m)
   if m.ttl ~= nil and m.ttl ~= '' then
-    m.dl = int(now + tonumber(m.ttl) * 1000)
+    m.dl = int(now_ms() + tonumber(m.ttl) * 1000)
     redis.call('HSET', KEYS[1], 'dl', m.dl)
     apply_expiry(m)
   end

@@ -1,11 +1,10 @@
 -- Create a stream, or report the one already there (the caller compares configurations).
 -- ARGV: 1 id, 2 ct, 3 mt, 4 json, 5 ttl, 6 exp, 7 closed, 8 rq, 9 src, 10 base, 11.. items
-local now = now_ms()
 local m = load(KEYS[1])
-local st = state(m, now)
+local st = state(m)
 if st ~= 'missing' then
   if st == 'ok' then
-    touch(m, now)  -- an idempotent re-create counts as a write for a sliding TTL
+    touch(m)  -- an idempotent re-create counts as a write for a sliding TTL
   end
   return {st, m.rq or '', unpack(info(m))}
 end
@@ -21,7 +20,7 @@ local fields = {'ct', m.ct, 'mt', m.mt, 'json', m.json, 'tail', m.tail, 'closed'
                 'base', m.base}
 if ARGV[5] ~= '' then
   m.ttl = ARGV[5]
-  m.dl = int(now + tonumber(m.ttl) * 1000)
+  m.dl = int(now_ms() + tonumber(m.ttl) * 1000)
   table.insert(fields, 'ttl'); table.insert(fields, m.ttl)
   table.insert(fields, 'dl'); table.insert(fields, m.dl)
 elseif ARGV[6] ~= '' then

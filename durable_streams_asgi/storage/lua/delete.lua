@@ -1,6 +1,6 @@
 -- Delete, or soft-delete while forks read from the stream. ARGV: 1 channel
 local m = load(KEYS[1])
-local st = state(m, now_ms())
+local st = state(m)
 if st ~= 'ok' then
   return {st}
 end

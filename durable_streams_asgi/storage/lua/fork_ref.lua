@@ -3,7 +3,7 @@
 -- ARGV: 1 member (fork path .. "\n" .. fork id), 2 fork offset ('' = tail), 3 sub-offset,
 --       4 requested media type ('' = inherit)
 local m = load(KEYS[1])
-local st = state(m, now_ms())
+local st = state(m)
 if st ~= 'ok' then
   return {st}
 end

@@ -1,6 +1,6 @@
 -- Metadata without refreshing the TTL: {state, creating request, info...}.
 local m = load(KEYS[1])
-local st = state(m, now_ms())
+local st = state(m)
 if st ~= 'ok' then
   return {st, ''}
 end

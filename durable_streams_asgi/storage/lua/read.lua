@@ -1,14 +1,13 @@
 -- Read the stream's own data from a position, with a snapshot of its metadata; refreshes a
 -- sliding TTL. Data below a fork's base is the caller's to read from the source.
 -- ARGV: 1 start position ('' = the tail), 2 max bytes, 3 touch ('1' or '0')
-local now = now_ms()
 local m = load(KEYS[1])
-local st = state(m, now)
+local st = state(m)
 if st ~= 'ok' then
   return {st}
 end
 if ARGV[3] == '1' then
-  touch(m, now)
+  touch(m)
 end
 local tail = tonumber(m.tail)
 local start = tail

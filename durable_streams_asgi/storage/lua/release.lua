@@ -9,7 +9,7 @@ end
 if redis.call('SCARD', KEYS[4]) > 0 then
   return {'kept'}
 end
-local st = state(m, now_ms())
+local st = state(m)
 if st ~= 'ok' then
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
   return {'deleted', m.src or '', m.id}
