@@ -4,32 +4,31 @@ them could have got on its own).
 
 A caller that needs state newer than some moment (a subscription confirmed) must not get an
 answer read before it: moments are counted, never clock readings, which can tie (uvloop's
-``loop.time()`` has a 1 ms resolution). A call is read when Redis runs it, not when it is made:
-its task's first step comes after the event-loop tick that made it, and the batcher that sends
-it after that, so until the end of that tick it may be shared by anyone, whatever their moment.
-That is what lets the hundreds of long-poll readers that one append wakes, whose next requests
-arrive in the same few ticks, share one final check per tick instead of one each.
+``loop.time()`` has a 1 ms resolution). What counts is when the call runs, not when it is asked
+for: a shared call starts at the end of the event-loop tick that asked for it, and until then
+anyone may join it, whatever their moment. That is what lets the hundreds of long-poll readers
+that one append wakes, whose next requests arrive in the same few ticks, share one final check
+per tick instead of one each. (Starting the call explicitly later, rather than counting on a new
+task's first step to come after this tick, keeps that true under an eager task factory.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 
 class _Shared:
-    __slots__ = ("moment", "open", "task")
+    __slots__ = ("future", "moment", "open")
 
-    def __init__(self, task: asyncio.Future[Any], moment: int) -> None:
-        self.task = task
+    def __init__(self, future: asyncio.Future[Any], moment: int) -> None:
+        self.future = future
         self.moment = moment
-        #: Not sent yet (the tick that made it has not ended): anyone may share it.
+        #: Not started yet: anyone may join it.
         self.open = True
-
-    def close(self) -> None:
-        self.open = False
 
 
 class SharedCalls:
@@ -42,19 +41,31 @@ class SharedCalls:
         return next(self._order)
 
     async def run(self, key: tuple[Any, ...], fn: Callable[..., Awaitable[Any]], *args: Any, since: int = 0) -> Any:
-        """``fn(*args)``, or the result of an identical call (same ``key``) already under way that
-        began after the moment ``since`` or has not been sent yet."""
+        """``fn(*args)``, or the result of an identical call (same ``key``) that has not started
+        yet or started after the moment ``since``."""
         entry = self._inflight.get(key)
         if entry is None or (entry.moment < since and not entry.open):
-            task = asyncio.ensure_future(fn(*args))  # (its first step: after this tick's callbacks)
-            entry = _Shared(task, self.moment())
+            loop = asyncio.get_running_loop()
+            entry = _Shared(loop.create_future(), self.moment())
             self._inflight[key] = entry
-            asyncio.get_running_loop().call_soon(entry.close)
-
-            def forget(_: Any, key: tuple[Any, ...] = key, entry: Any = entry) -> None:
-                if self._inflight.get(key) is entry:
-                    del self._inflight[key]
-
-            task.add_done_callback(forget)
+            loop.call_soon(self._start, key, entry, fn, args)
         # Shielded: one caller leaving (a client that disconnected) must not cancel the others'.
-        return await asyncio.shield(entry.task)
+        return await asyncio.shield(entry.future)
+
+    def _start(self, key: tuple[Any, ...], entry: _Shared, fn: Callable[..., Awaitable[Any]], args: Any) -> None:
+        entry.open = False  # from here on, its call may reach the backend
+        task = asyncio.ensure_future(fn(*args))
+        task.add_done_callback(functools.partial(self._settle, key, entry))
+
+    def _settle(self, key: tuple[Any, ...], entry: _Shared, task: asyncio.Future[Any]) -> None:
+        if self._inflight.get(key) is entry:
+            del self._inflight[key]
+        future = entry.future
+        if future.done():
+            return
+        if task.cancelled():
+            future.cancel()
+        elif task.exception() is not None:
+            future.set_exception(task.exception())  # type: ignore[arg-type]
+        else:
+            future.set_result(task.result())
