@@ -1,6 +1,6 @@
 """Benchmark: the Node reference server and ours, side by side, same load, one run.
 
-    python bench/run.py            # everything (about 5 minutes)
+    python bench/run.py            # everything (about 12 minutes on 2 cores)
     python bench/run.py --quick    # shorter runs and fewer readers, to try the harness
 
 Servers: the reference (``@durable-streams/server`` 0.3.7, in-memory), ours with memory storage
