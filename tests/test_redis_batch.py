@@ -256,3 +256,29 @@ async def test_a_connection_lost_while_reloading_scripts_leaves_no_caller_waitin
     finally:
         await admin.aclose()
         await storage.aclose()
+
+
+async def test_batches_keep_one_connection_and_replace_it_when_redis_closed_it(redis_url: str) -> None:
+    """Consecutive batches reuse the last one's connection instead of the pool's (cheaper than a
+    small batch's calls); one that Redis closed while it sat idle is replaced before use, and
+    the append that finds it so is applied once, without an error."""
+    name = f"keep-{unique_prefix()}"
+    storage = RedisStorage.from_url(redis_url, key_prefix=unique_prefix(), client_name=name)
+    admin = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await storage.create("/k", StreamConfig(content_type=TEXT))
+        for i in range(20):  # one batch each, one after another
+            await storage.append("/k", AppendRequest(content_type=TEXT, items=[b"%d," % i]))
+        [kept] = await clients_named(admin, name)
+        assert int(kept["id"]) > 0
+        await admin.client_kill_filter(_id=kept["id"])
+        await storage.append("/k", AppendRequest(content_type=TEXT, items=[b"after,"]))
+        data = b"".join((await storage.read("/k", 0, 10_000)).items)
+        assert data == b"".join(b"%d," % i for i in range(20)) + b"after,"
+        [fresh] = await clients_named(admin, name)
+        assert fresh["id"] != kept["id"]
+    finally:
+        await admin.aclose()
+        await storage.aclose()
+    async with Redis.from_url(redis_url, decode_responses=True) as check:
+        assert await clients_named(check, name) == []  # closing the storage let its connection go

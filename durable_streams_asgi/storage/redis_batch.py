@@ -22,6 +22,7 @@ from collections import Counter
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
@@ -36,6 +37,9 @@ else:  # redis-py depends on this backport there, and picks it the same way
     from async_timeout import timeout as _timeout
 
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+# "Is there unread data, or has the server closed it?": can_read() since redis-py 8, which
+# deprecates the older name.
+_CAN_READ = "can_read" if hasattr(AbstractConnection, "can_read") else "can_read_destructive"
 # Round trips per batch: the first, one after a lost connection, and reloads of forgotten scripts.
 _MAX_ROUNDS = 4
 
@@ -105,6 +109,10 @@ class ScriptBatcher:
         self._errors: str = encoder.encoding_errors
         self._queue: list[_Call] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        # The connection of the last batch, kept for the next one: taking one from the pool and
+        # giving it back costs more than a small batch's calls do.
+        self._idle: Any = None
+        self._closed = False
 
     async def call(
         self,
@@ -155,9 +163,24 @@ class ScriptBatcher:
             if not call.future.done():
                 call.future.set_exception(StorageUnavailable("Redis call not settled"))
 
+    async def _take(self) -> Any:
+        connection, self._idle = self._idle, None
+        if connection is None:
+            return await self.client.connection_pool.get_connection()
+        # As the pool checks its own: unread data or a closed socket (the server went away while
+        # it was idle) means a fresh connection, before anything is sent on it.
+        try:
+            dirty = connection.is_connected and await getattr(connection, _CAN_READ)()
+        except _CONNECTION_ERRORS:
+            dirty = True
+        if dirty:
+            await connection.disconnect()  # (it connects again on the next send)
+        return connection
+
     async def _send(self, batch: list[_Call]) -> None:
         pool = self.client.connection_pool
-        connection = await pool.get_connection()
+        connection = await self._take()
+        kept = False
         try:
             pending = batch
             retried = False
@@ -175,12 +198,15 @@ class ScriptBatcher:
                     retried = True
                     unsettled = [call for call in pending if not call.answered or call.missing]
                     pending = self._mark_resent(self._retryable(unsettled, exc))
+            if self._idle is None and not self._closed:  # every reply read: clean
+                self._idle, kept = connection, True
         except BaseException:
             # Replies may be left unread on the socket: never hand it back to the pool like that.
             await connection.disconnect()
             raise
         finally:
-            await pool.release(connection)
+            if not kept:
+                await pool.release(connection)
 
     async def _round_trip(self, connection: Any, batch: list[_Call]) -> list[_Call]:
         """Send the batch and settle every call; return the calls to send again (scripts that
@@ -206,11 +232,18 @@ class ScriptBatcher:
             if call.asking:
                 packed.append(_ASKING)
             packed.extend(call.packed)
-        await connection.send_packed_command(packed)
+        # Sent under the round trip's own deadline (see _round_trip) rather than redis-py's: with a
+        # socket timeout it wraps each send in asyncio.wait_for, a task and a timer per batch
+        # (and, before Python 3.12, a place where a cancellation can be lost).
+        socket_timeout, connection.socket_timeout = connection.socket_timeout, None
+        try:
+            await connection.send_packed_command(packed)
+        finally:
+            connection.socket_timeout = socket_timeout
         if deadline is not None and asyncio.get_running_loop().time() >= deadline:
-            # The deadline passed while redis-py sent, inside its own asyncio.wait_for, which on
-            # Python 3.11 can swallow the cancellation that enforces it: the replies below are
-            # read without a timeout of their own, so do not go on as if there were time left.
+            # The deadline passed while a reconnection's handshake or the send waited: the
+            # replies below are read without a timeout of their own, so do not go on as if there
+            # were time left.
             raise asyncio.TimeoutError
         missing: list[_Call] = []
         for call in batch:
@@ -269,3 +302,7 @@ class ScriptBatcher:
         self._flush()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._closed = True
+        connection, self._idle = self._idle, None
+        if connection is not None:
+            await self.client.connection_pool.release(connection)
