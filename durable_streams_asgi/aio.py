@@ -20,10 +20,14 @@ from typing import Any
 RECANCEL_EVERY = 0.1
 
 
-async def cancel_and_wait(tasks: asyncio.Future[Any] | Iterable[asyncio.Future[Any]] | None) -> None:
+async def cancel_and_wait(
+    tasks: asyncio.Future[Any] | Iterable[asyncio.Future[Any]] | None, *, patience: float = RECANCEL_EVERY
+) -> None:
     """Cancel ``tasks`` (one, several or None) and return once every one has ended, cancelling
-    again any that carries on. What they raised is retrieved and dropped: they are being stopped.
-    The caller's own cancellation still propagates."""
+    again any still running ``patience`` seconds later (and so on). A task that cleans up after
+    its cancellation behind ``asyncio.shield`` is cut short by the next cancel: give it the
+    patience its cleanup needs. What they raised is retrieved and dropped: they are being
+    stopped. The caller's own cancellation still propagates."""
     if tasks is None:
         return
     stopping = [tasks] if isinstance(tasks, asyncio.Future) else list(tasks)
@@ -31,7 +35,7 @@ async def cancel_and_wait(tasks: asyncio.Future[Any] | Iterable[asyncio.Future[A
     while pending:
         for task in pending:
             task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=RECANCEL_EVERY)
+        _, pending = await asyncio.wait(pending, timeout=patience)
     for task in stopping:  # (marked as retrieved: no "exception was never retrieved" at exit)
         if not task.cancelled():
             task.exception()

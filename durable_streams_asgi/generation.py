@@ -47,6 +47,11 @@ from .storage.common import is_json_content_type
 
 logger = logging.getLogger("durable_streams_asgi.generation")
 
+#: How long an interrupted generation has to write its end (what it received, the reason, the
+#: close) before it is cancelled again, which cuts that short: the storage answers in
+#: milliseconds, or is failing over (a few seconds), or is down and nothing could be written.
+CLEANUP_SECONDS = 5.0
+
 
 def default_error_record(exc: BaseException, is_json: bool) -> Any:
     """What a failed generation ends with: an AI SDK ``error`` chunk for JSON streams."""
@@ -195,7 +200,9 @@ class GenerationRunner:
         if not tasks:
             return
         _, pending = await asyncio.wait(tasks, timeout=self.shutdown_timeout)
-        await cancel_and_wait(pending)
+        # Interrupted, each writes what it received, the reason and the close, shielded (see
+        # _write): a second cancel would cut that short, so it comes only after a while.
+        await cancel_and_wait(pending, patience=CLEANUP_SECONDS)
 
     async def _append(self, path: str, request: AppendRequest, retry_for: float) -> None:
         try:

@@ -1,8 +1,9 @@
 """Long-poll fan-out across real server processes on one Redis: 500 readers split over two
 processes, one writer through one of them. Every reader gets every message, in order, once
-(wake-ups cross processes through pub/sub), and the Redis round trips they cost are counted:
-readers woken together share their reads and checks, so the script calls per message stay far
-below one per reader."""
+(wake-ups cross processes through pub/sub), both when each message waits for every reader and
+when messages come back to back, landing while readers read and check. For the first part the
+Redis round trips are counted: readers woken together share their reads and checks, so the
+script calls per message stay far below one per reader."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from .conftest import free_port, redis_server, spawn, stop, unique_prefix
 from .test_conformance import serve_args
 
 READERS = 500
-MESSAGES = 20
+MESSAGES = 20  # one at a time: each a wake-up of every reader (the round trips are counted)
+RACING = 30  # then back to back, with no waiting: writes land while readers read and check
+TOTAL = MESSAGES + RACING
 
 
 class _Connection:
@@ -89,8 +92,8 @@ async def test_500_long_poll_readers_on_two_processes_get_every_message_once(
     received: list[list[int]] = [[] for _ in range(READERS)]
     # How many readers have had message n; the writer waits for all of them before the next, so
     # that each message is its own wake-up of every reader.
-    arrived = [0] * MESSAGES
-    everyone = [asyncio.Event() for _ in range(MESSAGES)]
+    arrived = [0] * TOTAL
+    everyone = [asyncio.Event() for _ in range(TOTAL)]
     ready = 0
     all_ready = asyncio.Event()
 
@@ -104,7 +107,7 @@ async def test_500_long_poll_readers_on_two_processes_get_every_message_once(
             ready += 1
             if ready == READERS:
                 all_ready.set()
-            while len(received[i]) < MESSAGES:
+            while len(received[i]) < TOTAL:
                 target = f"{path}?offset={offset}&live=long-poll" + (f"&cursor={cursor}" if cursor else "")
                 status, headers, body = await connection.request("GET", target)
                 assert status in (200, 204), status
@@ -127,15 +130,18 @@ async def test_500_long_poll_readers_on_two_processes_get_every_message_once(
             status, _, _ = await writer.request("POST", path, f"{n}\n".encode())
             assert status == 204, status
             await asyncio.wait_for(everyone[n].wait(), 30)
-        await asyncio.wait_for(asyncio.gather(*readers), 30)
         calls = _script_calls(client) - before - MESSAGES  # (the appends' own)
+        for n in range(MESSAGES, TOTAL):
+            status, _, _ = await writer.request("POST", path, f"{n}\n".encode())
+            assert status == 204, status
+        await asyncio.wait_for(asyncio.gather(*readers), 30)
         writer.close()
     finally:
         for task in readers:
             task.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
         setup.close()
-    assert all(got == list(range(MESSAGES)) for got in received), "a reader missed, repeated or reordered messages"
+    assert all(got == list(range(TOTAL)) for got in received), "a reader missed, repeated or reordered messages"
     deliveries = READERS * MESSAGES
     per_delivery = calls / deliveries
     print(

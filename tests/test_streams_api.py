@@ -186,6 +186,43 @@ async def test_shutdown_waits_then_interrupts_with_a_record(storage_factory: Sto
     assert (await streams.head("/s")).closed and (await streams.head("/q")).closed
 
 
+class SlowAfterShutdown:
+    """Real storage whose appends take ``delay`` seconds once ``slow`` is set (a Redis failing
+    over as the server stops)."""
+
+    def __init__(self, storage: Storage, delay: float) -> None:
+        self._storage = storage
+        self.delay = delay
+        self.slow = False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._storage, name)
+
+    async def append(self, path: str, request: object) -> object:
+        if self.slow:
+            await asyncio.sleep(self.delay)  # (the fault itself: a storage that is slow to answer)
+        return await self._storage.append(path, request)  # type: ignore[arg-type]
+
+
+async def test_an_interrupted_generation_ends_its_stream_even_when_the_storage_is_slow(
+    storage_factory: StorageFactory,
+) -> None:
+    """Its cleanup (the interrupted append replayed, the reason, the close) runs shielded after
+    the shutdown's cancel; cancelled again too soon, it was cut short and the stream stayed open,
+    with readers waiting for an end that never came."""
+    slow = SlowAfterShutdown(await storage_factory(), delay=0.3)
+    streams = DurableStreams(slow, shutdown_timeout=0.1)  # type: ignore[arg-type]
+    generation = await streams.start_generation("/slow", tokens(["b"] * 1000, delay=0.01))
+    await asyncio.sleep(0.05)
+    slow.slow = True
+    await streams.generations.shutdown()
+    assert generation.done
+    info = await streams.head("/slow")
+    assert info.closed
+    messages = await collect(streams, "/slow")
+    assert messages[-1] == {"type": "error", "errorText": "generation interrupted: server shutting down"}
+
+
 async def test_response_helpers_follow_the_transport_contract(streams: DurableStreams) -> None:
     from durable_streams_asgi import generation_response, reconnect_response
 

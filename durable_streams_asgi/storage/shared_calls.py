@@ -22,13 +22,15 @@ from typing import Any
 
 
 class _Shared:
-    __slots__ = ("future", "moment", "open")
+    __slots__ = ("future", "moment", "open", "task")
 
     def __init__(self, future: asyncio.Future[Any], moment: int) -> None:
         self.future = future
         self.moment = moment
         #: Not started yet: anyone may join it.
         self.open = True
+        #: The call once started (held here: the event loop keeps only weak references to tasks).
+        self.task: asyncio.Future[Any] | None = None
 
 
 class SharedCalls:
@@ -54,7 +56,7 @@ class SharedCalls:
 
     def _start(self, key: tuple[Any, ...], entry: _Shared, fn: Callable[..., Awaitable[Any]], args: Any) -> None:
         entry.open = False  # from here on, its call may reach the backend
-        task = asyncio.ensure_future(fn(*args))
+        task = entry.task = asyncio.ensure_future(fn(*args))
         task.add_done_callback(functools.partial(self._settle, key, entry))
 
     def _settle(self, key: tuple[Any, ...], entry: _Shared, task: asyncio.Future[Any]) -> None:
