@@ -408,7 +408,7 @@ class Notifier:
 
     async def aclose(self) -> None:
         self._closed = True
-        await cancel_and_wait([*([self._listener] if self._listener is not None else []), *self._tasks])
+        await cancel_and_wait([task for task in (self._listener, *self._tasks) if task is not None])
         for ch in self._channels.values():
             if ch.linger is not None:
                 ch.linger.cancel()

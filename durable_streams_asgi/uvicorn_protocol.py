@@ -231,9 +231,9 @@ class LeanHttpToolsProtocol(HttpToolsProtocol):
         self.awaiting_head = True
         self.heads_ended = 0  # heads parsed whole on this connection: which reads ended one
         # The limit under way (loop time, and what to answer), and the timer that checks it. The
-        # timer is not moved with every request (two timers per request were a measurable share
-        # of a small append): it stays armed at or before the deadline and, when it fires early,
-        # re-arms for what is due then.
+        # timer is not moved with every request (two timers made and cancelled per request cost
+        # about 3 us on uvloop, measured alone): it stays armed at or before the deadline and,
+        # when it fires early, re-arms for what is due then.
         self.deadline: float | None = None
         self.why = b""
         self.guard: asyncio.TimerHandle | None = None
