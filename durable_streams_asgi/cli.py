@@ -138,19 +138,19 @@ def server_app() -> DurableStreamsMiddleware:
 
 
 def _http_protocol() -> type[asyncio.Protocol] | str:
-    """uvicorn's httptools protocol with smaller per-connection queues where this uvicorn and
-    httptools allow (see uvicorn_protocol.py); otherwise uvicorn's own choice, with a warning
-    that says which client limits are then not enforced."""
+    """This package's HTTP/1.1 protocol (http11/), which enforces the client limits; where
+    httptools is missing, or uvicorn no longer hands a protocol what it needs, uvicorn's own
+    choice, with a warning that says which limits are then not enforced."""
     try:
-        from .uvicorn_protocol import lean_protocol_status
+        from .http11 import protocol_status
     except ImportError as exc:  # no httptools (the 'fast' extra): uvicorn falls back to h11
         logger.warning(
-            "httptools is not installed (%s): uvicorn serves with h11, and --head-timeout and --body-timeout are "
-            "not enforced; pip install 'durable-streams-asgi[fast]'",
+            "httptools is not installed (%s): uvicorn serves with h11, and --head-timeout, --body-timeout and "
+            "--max-head-size are not enforced; pip install 'durable-streams-asgi[fast]'",
             exc,
         )
         return "auto"
-    protocol, why = lean_protocol_status()
+    protocol, why = protocol_status()
     if protocol is None:
         logger.warning("%s", why)
     return protocol or "auto"
@@ -247,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _multiprocess_metrics(config)  # before anything imports prometheus_client in this process
     os.environ[_ENV_RESOLVED] = json.dumps(config)
-    # The lean protocol's client limits, read by every worker (see uvicorn_protocol.py).
+    # The HTTP/1.1 protocol's client limits, read by every worker (see http11/).
     os.environ[f"{ENV_PREFIX}HEAD_TIMEOUT"] = str(config["head_timeout"])
     os.environ[f"{ENV_PREFIX}BODY_TIMEOUT"] = str(config["body_timeout"])
     os.environ[f"{ENV_PREFIX}MAX_HEAD_SIZE"] = str(config["max_head_size"])

@@ -1,7 +1,9 @@
-"""The standalone server's leaner uvicorn protocol: its stand-ins behave like what they replace,
-and a real server on it handles pipelining, back-pressure and live reads. And where the lean
-protocol is not used (a uvicorn outside the checked range, or missing what it relies on), the
-server still serves, on uvicorn's own protocol, and says why."""
+"""The standalone server's HTTP/1.1 protocol (durable_streams_asgi/http11/): a real server on it
+serves the protocol, pipelining, back-pressure, live reads and every HTTP/1.1 corner a client can
+reach (100-continue, chunked bodies, HEAD, HTTP/1.0, upgrades, garbage), bounds slow and
+oversized clients, keeps applications' mistakes from reaching clients as anything but a 500, and
+takes its one-call response path only where nothing wraps ``send``. Where it cannot be used (no
+httptools), the CLI serves on uvicorn's own protocol and says what is lost."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -21,136 +22,28 @@ import httpx
 import pytest
 import uvicorn
 
-from durable_streams_asgi import cli, uvicorn_protocol
+from durable_streams_asgi import cli, http11
+from durable_streams_asgi.http11 import HTTP11Protocol, protocol_status
 from durable_streams_asgi.storage.memory import MemoryStorage
-from durable_streams_asgi.uvicorn_protocol import (
-    _TESTED,
-    SUPPORTED_UVICORN,
-    LeanHttpToolsProtocol,
-    _missing_internals,
-    _Signal,
-    lean_protocol,
-    lean_protocol_status,
-)
 
 from .conftest import free_port, running_server, spawn, sse_events, stop
 
 TEXT = {"Content-Type": "text/plain"}
 
 
-def in_checked_range(version: str) -> bool:
-    """Whether ``version`` is inside SUPPORTED_UVICORN (read here independently of the module)."""
-    match = re.match(r"(\d+)\.(\d+)", version)
-    return match is not None and _TESTED[0] <= (int(match[1]), int(match[2])) < _TESTED[1]
+def test_the_cli_serves_on_this_protocol() -> None:
+    protocol, why = protocol_status()
+    assert protocol is HTTP11Protocol, why
+    assert cli._http_protocol() is HTTP11Protocol
 
 
-def skip_unless_lean() -> None:
-    """For tests of the lean protocol itself: on a uvicorn it is not used with, they test nothing
-    the server does (the checks below say whether that uvicorn should have had it)."""
-    protocol, why = lean_protocol_status()
-    if protocol is None:
-        pytest.skip(why)
-
-
-def test_the_supported_range_is_one_range() -> None:
-    low, high = _TESTED
-    assert SUPPORTED_UVICORN == f">={low[0]}.{low[1]},<{high[0]}.{high[1]}"
-
-
-def test_the_cli_uses_the_lean_protocol_exactly_where_this_uvicorn_was_checked() -> None:
-    """Inside the range, the lean protocol (and its client limits) must be on; outside it, off,
-    with a warning that says which uvicorn, what is lost, and what to do."""
-    protocol, why = lean_protocol_status()
-    if in_checked_range(uvicorn.__version__):
-        assert protocol is LeanHttpToolsProtocol, why
-        assert lean_protocol() is LeanHttpToolsProtocol
-        assert cli._http_protocol() is LeanHttpToolsProtocol
-    else:
-        assert protocol is None and lean_protocol() is None
-        assert cli._http_protocol() == "auto"
-        assert f"uvicorn {uvicorn.__version__}" in why and "--head-timeout" in why
-        assert f"pip install 'uvicorn{SUPPORTED_UVICORN}'" in why
-
-
-def test_the_uvicorn_internals_the_lean_protocol_relies_on_are_there() -> None:
-    """What a new uvicorn release inside the range would break first: the methods overridden, what
-    FlowControl's constructor sets (the stand-in sets the same without calling it), and the methods
-    uvicorn's source calls on the queues the stand-ins replace. Each failure names the attribute."""
-    missing = _missing_internals()
-    if not in_checked_range(uvicorn.__version__):
-        found = "; ".join(missing) or "none missing: worth checking the range against this release"
-        pytest.skip(f"uvicorn {uvicorn.__version__} is outside {SUPPORTED_UVICORN}; internals: {found}")
-    assert not missing, f"uvicorn {uvicorn.__version__} lacks: " + "; ".join(missing)
-    # What only a connection has is checked on the first one: a request through the lean server
-    # (below) leaves the lean parts on, which test_the_app_serves_on_every_protocol_the_cli_may_pick
-    # asserts after its requests.
-
-
-def test_an_unchecked_uvicorn_gets_its_own_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
-    above = f"{_TESTED[1][0]}.{_TESTED[1][1]}.0"  # the first release not checked
-    for version in ("0.29.0", above, "0.99.1", "1.0.0", "dev"):
-        monkeypatch.setattr(uvicorn, "__version__", version)
-        protocol, why = lean_protocol_status()
-        assert protocol is None and lean_protocol() is None, version
-        assert cli._http_protocol() == "auto"
-        assert repr(version) in why if version == "dev" else f"uvicorn {version} " in why
-        for limit in ("--head-timeout", "--body-timeout", "--max-head-size"):
-            assert limit in why
-        assert f"pip install 'uvicorn{SUPPORTED_UVICORN}'" in why and "upgrade durable-streams-asgi" in why
-
-
-def test_missing_internals_within_the_range_turn_the_lean_protocol_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(uvicorn, "__version__", f"{_TESTED[0][0]}.{_TESTED[0][1]}.0")
-    monkeypatch.setattr(uvicorn_protocol, "_missing_internals", lambda: ("HttpToolsProtocol.on_response_complete()",))
-    protocol, why = lean_protocol_status()
+def test_a_uvicorn_without_what_the_protocol_is_given_gets_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http11, "_STATE_ATTRIBUTES", (*http11._STATE_ATTRIBUTES, "no_such_attribute"))
+    protocol, why = protocol_status()
     assert protocol is None and cli._http_protocol() == "auto"
-    assert "lacks what it relies on: HttpToolsProtocol.on_response_complete()" in why
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-@pytest.mark.parametrize(
-    "broken",
-    [
-        "_missing_internals",  # what is checked without a server, where the status was not asked
-        "_PROTOCOL_ATTRIBUTES",  # what only a connection has
-        "_CYCLE_ATTRIBUTES",  # what only a request cycle has: found mid-request, on the first one
-    ],
-)
-async def test_a_lean_server_missing_an_internal_serves_as_uvicorns_own(
-    broken: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Handed the lean class directly (as running_server is), it still checks on first use, and
-    on finding something missing goes on as uvicorn's protocol: one warning, no failed request."""
-    skip_unless_lean()
-    if broken == "_missing_internals":
-        monkeypatch.setattr(uvicorn_protocol, broken, lambda: ("FlowControl.no_such_attribute",))
-    else:
-        monkeypatch.setattr(uvicorn_protocol, broken, (*getattr(uvicorn_protocol, broken), "no_such_attribute"))
-    for flag in ("off_reason", "_checked_connection", "_checked_cycle"):  # a fresh process's (and restored after)
-        monkeypatch.setattr(LeanHttpToolsProtocol, flag, None if flag == "off_reason" else False)
-    records, logger = _Records(), logging.getLogger("uvicorn.error")
-    app = cli.build_app(MemoryStorage(), long_poll_timeout=5, sse_max_duration=5)
-    async with running_server(app, http=LeanHttpToolsProtocol) as url:
-        logger.addHandler(records)  # now: starting, uvicorn configures its loggers afresh
-        try:
-            await exercise(url)
-            # And the next connections are uvicorn's too (a 200 KiB head is no 431 of ours).
-            async with httpx.AsyncClient(base_url=url) as client:
-                assert (await client.get("/healthz", headers={"X-Big": "a" * 200_000})).status_code == 200
-        finally:
-            logger.removeHandler(records)
-    assert LeanHttpToolsProtocol.off_reason is not None and "no_such_attribute" in LeanHttpToolsProtocol.off_reason
-    warnings = [m for m in records.messages if "lean HTTP protocol is off" in m]
-    assert len(warnings) == 1 and "no_such_attribute" in warnings[0] and "--max-head-size" in warnings[0]
-    assert lean_protocol_status()[0] is None  # and the process's status says so
+    assert "ServerState.no_such_attribute" in why and f"uvicorn {uvicorn.__version__}" in why
+    for limit in ("--head-timeout", "--body-timeout", "--max-head-size"):
+        assert limit in why
 
 
 async def exercise(url: str) -> None:
@@ -188,29 +81,23 @@ async def exercise(url: str) -> None:
     assert seen[1][1] == "bye" and json.loads(seen[2][1])["streamClosed"] is True
 
 
-# What _http_protocol may hand uvicorn: the lean class, or "auto", which is httptools where the
-# 'fast' extra is installed and h11 where not.
-PROTOCOLS: dict[str, Any] = {"lean": LeanHttpToolsProtocol, "httptools": "httptools", "h11": "h11"}
+# What _http_protocol may hand uvicorn: this package's protocol, or "auto", which is httptools
+# where the 'fast' extra is installed and h11 where not.
+PROTOCOLS: dict[str, Any] = {"http11": HTTP11Protocol, "httptools": "httptools", "h11": "h11"}
 
 
 @pytest.mark.parametrize("http", list(PROTOCOLS))
 async def test_the_app_serves_on_every_protocol_the_cli_may_pick(http: str) -> None:
-    if http == "lean":
-        skip_unless_lean()
     app = cli.build_app(MemoryStorage(), long_poll_timeout=5, sse_max_duration=5)
     async with running_server(app, http=PROTOCOLS[http]) as url:
         await exercise(url)
-    if http == "lean":  # what only a live connection and request show was there
-        assert LeanHttpToolsProtocol.off_reason is None
 
 
-# The CLI as it runs where uvicorn is a release the lean protocol was not checked against.
-NEWER_UVICORN = """\
+# The CLI as it runs where httptools is not installed.
+NO_HTTPTOOLS = """\
 import sys
 
-import uvicorn
-
-uvicorn.__version__ = "0.99.0"
+sys.modules["httptools"] = None  # import httptools: ImportError
 
 from durable_streams_asgi.cli import main
 
@@ -218,49 +105,41 @@ sys.exit(main())
 """
 
 
-def test_the_cli_on_an_unchecked_uvicorn_serves_on_uvicorns_protocol(tmp_path: Path) -> None:
-    """The fallback end to end: the real CLI, its flags and uvicorn's own protocol."""
-    (tmp_path / "newer_uvicorn.py").write_text(NEWER_UVICORN)
+def test_the_cli_without_httptools_serves_on_uvicorns_protocol(tmp_path: Path) -> None:
+    """The fallback end to end: the real CLI, its flags and uvicorn's h11 protocol, with a warning."""
+    (tmp_path / "no_httptools.py").write_text(NO_HTTPTOOLS)
     port = free_port()
-    args = ["newer_uvicorn", "serve", "--port", str(port), "--log-level", "warning"]
+    args = ["no_httptools", "serve", "--port", str(port), "--log-level", "warning"]
     args += ["--head-timeout", "1", "--body-timeout", "1", "--max-head-size", "4096", "--long-poll-timeout", "5"]
-    # python -m finds newer_uvicorn in its working directory; the package is installed.
+    # python -m finds no_httptools in its working directory; the package is installed.
     process = spawn(args, tmp_path / "server.log", f"http://127.0.0.1:{port}/healthz", cwd=tmp_path)
     try:
         asyncio.run(exercise(f"http://127.0.0.1:{port}"))
-        # uvicorn's own protocol: the head-size limit the warning says is lost is indeed not there.
-        r = httpx.get(f"http://127.0.0.1:{port}/healthz", headers={"X-Big": "a" * 8000})
-        assert r.status_code == 200
     finally:
         stop(process)
-    assert "Traceback" not in (tmp_path / "server.log").read_text()
-
-
-async def test_signal_behaves_like_an_asyncio_event() -> None:
-    signal = _Signal()
-    assert not signal.is_set()
-    waiters = [asyncio.ensure_future(signal.wait()) for _ in range(3)]
-    await asyncio.sleep(0)
-    waiters[0].cancel()  # one waiter leaving does not disturb the others
-    await asyncio.sleep(0)
-    assert not any(w.done() for w in waiters[1:])
-    signal.set()
-    assert await asyncio.gather(*waiters[1:]) == [True, True]
-    assert signal.is_set() and await signal.wait()  # stays set until cleared
-    signal.clear()
-    late = asyncio.ensure_future(signal.wait())
-    await asyncio.sleep(0)
-    assert not late.done()
-    signal.set()
-    assert await late
+    log = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in log
+    assert "httptools is not installed" in log and "--max-head-size" in log
 
 
 @contextlib.asynccontextmanager
-async def lean_server() -> AsyncIterator[int]:
-    skip_unless_lean()
-    app = cli.build_app(MemoryStorage(), long_poll_timeout=5)
-    async with running_server(app, http=LeanHttpToolsProtocol) as url:
-        yield int(url.rsplit(":", 1)[1])
+async def http11_server(app: Any = None, **config: Any) -> AsyncIterator[int]:
+    """``app`` (the streams app by default) served on this protocol in this event loop: its port."""
+    if app is None:
+        app = cli.build_app(MemoryStorage(), long_poll_timeout=5)
+    port = free_port()
+    settings = {"host": "127.0.0.1", "port": port, "log_level": "warning", "lifespan": "off", "http": HTTP11Protocol}
+    server = uvicorn.Server(uvicorn.Config(app, **{**settings, **config}))
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        yield port
+    finally:
+        server.should_exit = True
+        await task
 
 
 async def _response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
@@ -271,7 +150,7 @@ async def _response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], 
 
 
 async def test_pipelined_requests_are_answered_in_order() -> None:
-    async with lean_server() as port:
+    async with http11_server() as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         put = b"PUT /v1/stream/p HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\nContent-Length: 1\r\n\r\na"
         posts = b"".join(
@@ -291,7 +170,7 @@ async def test_a_slow_reader_gets_a_large_response_whole() -> None:
     """Back-pressure: the server's writes outrun a client that reads slowly; flow control pauses
     and resumes the response (through the lean "writable" signal) and nothing is lost."""
     payload = os.urandom(3 << 20)
-    async with lean_server() as port:
+    async with http11_server() as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
             b"PUT /v1/stream/big HTTP/1.1\r\nHost: t\r\nContent-Type: application/octet-stream\r\n"
@@ -314,58 +193,9 @@ async def test_a_slow_reader_gets_a_large_response_whole() -> None:
     assert bytes(body) == payload
 
 
-class _Recorder:
-    """Stands in for the socket transport under _Coalescing: records what reaches it."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def get_extra_info(self, name: str) -> str:
-        return f"extra:{name}"
-
-
-async def test_a_response_head_goes_out_with_its_body() -> None:
-    from durable_streams_asgi.uvicorn_protocol import _JOIN_LIMIT, _Coalescing
-
-    loop = asyncio.get_running_loop()
-    raw = _Recorder()
-    transport = _Coalescing(raw, loop)  # type: ignore[arg-type]
-    head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
-    transport.write(head)
-    assert raw.writes == []
-    transport.write(b"hi")
-    assert raw.writes == [head + b"hi"]  # one system call, one packet
-    # Bodiless responses go at once; a head whose body never comes goes by the end of the pass.
-    transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")
-    assert raw.writes[-1] == b"HTTP/1.1 204 No Content\r\n\r\n"
-    transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-    await asyncio.sleep(0)
-    assert raw.writes[-1] == b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
-    # A large body is not copied behind its head.
-    big = b"x" * (_JOIN_LIMIT + 1)
-    transport.write(head)
-    transport.write(big)
-    assert raw.writes[-2:] == [head, big]
-    # Closing sends what is held first; everything else is the real transport's.
-    transport.write(head)
-    transport.close()
-    assert raw.writes[-1] == head and raw.closed
-    assert transport.get_extra_info("peername") == "extra:peername"
-
-
 @pytest.fixture
 def strict_server(tmp_path: Path) -> Iterator[int]:
-    """The standalone server (the CLI, so the lean protocol and its limits) with short limits."""
+    """The standalone server (the CLI, so this HTTP/1.1 protocol and its limits) with short limits."""
     port = free_port()
     args = ["durable_streams_asgi.cli", "serve", "--port", str(port), "--log-level", "warning"]
     args += ["--head-timeout", "1", "--body-timeout", "1", "--max-head-size", "4096", "--limit-concurrency", "4"]
@@ -396,7 +226,6 @@ def exchange(port: int, data: bytes, wait: float = 5.0) -> tuple[bytes, float]:
 
 
 def test_slow_and_oversized_clients_are_cut_off(strict_server: int) -> None:
-    skip_unless_lean()  # the lean protocol's limits (the CLI warns where they are off)
     port = strict_server
     # Half a request head, then nothing: 408 once the head time is up, and closed.
     answer, took = exchange(port, b"GET /v1/stream/x HTTP/1.1\r\nHost: a\r\n")
@@ -422,7 +251,6 @@ def test_each_request_on_a_kept_alive_connection_gets_its_own_head_time(strict_s
     """The head clock starts at each request's first byte: a second request that begins late on
     a kept-alive connection is neither cut off by the first request's clock nor let go past its
     own (the timer is not moved per request, so it must re-arm for the later deadline)."""
-    skip_unless_lean()
     port = strict_server  # head timeout 1 s
     request = b"HEAD /v1/stream/none HTTP/1.1\r\nHost: a\r\n\r\n"
     with socket.create_connection(("127.0.0.1", port)) as sock:
@@ -444,7 +272,6 @@ def test_each_request_on_a_kept_alive_connection_gets_its_own_head_time(strict_s
 def test_a_large_body_in_the_read_that_ends_its_head_is_no_431(strict_server: int) -> None:
     """Only head bytes count toward max_head_size: a request whose head and body (past the head
     limit) arrive in one read is served, and so is a second request in the same read."""
-    skip_unless_lean()
     port = strict_server
     body = b"x" * 20000  # five times the 4096-byte head limit of strict_server
     put = b"PUT /v1/stream/big HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\nContent-Length: 0\r\n\r\n"
@@ -477,7 +304,159 @@ def test_connections_past_the_limit_get_503(strict_server: int) -> None:
     assert served >= 2 and answers[served:] == [b"503"] * (6 - served), answers
 
 
-def test_the_test_extra_holds_uvicorn_to_the_checked_range() -> None:
-    """The main suite runs the lean protocol's tests only if it installs a uvicorn they cover."""
-    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
-    assert f'"uvicorn{SUPPORTED_UVICORN}"' in pyproject
+async def _talk(port: int, data: bytes, *, reads: int = 1) -> tuple[list[tuple[int, dict[str, str], bytes]], bool]:
+    """Send ``data``; read ``reads`` responses, then whether the server closed the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        answers = [await asyncio.wait_for(_response(reader), 5) for _ in range(reads)]
+        try:
+            closed = await asyncio.wait_for(reader.read(1), 1) == b""
+        except TimeoutError:
+            closed = False
+        return answers, closed
+    finally:
+        writer.close()
+
+
+async def test_http_corners_a_client_can_reach() -> None:
+    async with http11_server() as port:
+        # Expect: 100-continue: the interim answer comes before the body is sent.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"PUT /v1/stream/c HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n")
+        writer.write(b"Expect: 100-continue\r\n\r\n")
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"hi")
+        assert (await asyncio.wait_for(_response(reader), 5))[0] == 201
+        writer.close()
+        # A chunked request body.
+        chunked = b"POST /v1/stream/c HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\n"
+        chunked += b"Transfer-Encoding: chunked\r\n\r\n3\r\n, t\r\n4\r\nhere\r\n0\r\n\r\n"
+        read = b"GET /v1/stream/c?offset=-1 HTTP/1.1\r\nHost: a\r\n\r\n"
+        answers, closed = await _talk(port, chunked + read, reads=2)
+        assert [a[0] for a in answers] == [204, 200] and answers[1][2] == b"hi, there" and not closed
+        # HEAD: the head only; HTTP/1.0 and "Connection: close": closed after the answer.
+        answers, closed = await _talk(port, b"HEAD /v1/stream/c HTTP/1.1\r\nHost: a\r\n\r\n" + read)
+        assert answers[0][0] == 200 and answers[0][2] == b"" and not closed
+        answers, closed = await _talk(port, b"GET /v1/stream/c?offset=-1 HTTP/1.0\r\n\r\n")
+        assert answers[0][2] == b"hi, there" and closed
+        answers, closed = await _talk(port, read.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        assert answers[0][0] == 200 and answers[0][1]["connection"] == "close" and closed
+        # An upgrade we do not speak: answered as plain HTTP, then the connection closes.
+        upgrade = b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        answers, closed = await _talk(port, upgrade)
+        assert answers[0][:1] == (200,) and answers[0][2] == b"ok" and closed
+        # Garbage: 400, closed, and nothing of the server's insides.
+        answers, closed = await _talk(port, b"GET / HTTP/1.1\r\nHost a\r\n\r\n")
+        assert answers[0][0] == 400 and b"Traceback" not in answers[0][2] and closed
+        # Percent-encoded paths and query strings reach the app decoded as ASGI says.
+        answers, _ = await _talk(port, b"HEAD /v1/stream/%63 HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert answers[0][0] == 200
+
+
+async def test_an_idle_kept_alive_connection_is_closed_after_the_keep_alive_time() -> None:
+    async with http11_server(timeout_keep_alive=0.3) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert (await asyncio.wait_for(_response(reader), 5))[0] == 200
+        began = time.monotonic()
+        assert await asyncio.wait_for(reader.read(1), 5) == b""  # the server closed it
+        assert 0.2 < time.monotonic() - began < 3
+        writer.close()
+
+
+async def _failing(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """An application with every mistake the protocol must keep from the client."""
+    if scope["type"] != "http":
+        return
+    path = scope["path"]
+    if path == "/raises":
+        raise ValueError("secret detail")
+    if path == "/bad-header":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-evil", b"a\r\nset-cookie: b")]})
+    elif path == "/silent":
+        return
+    elif path == "/short":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+        await send({"type": "http.response.body", "body": b"ab"})
+    elif path == "/disconnect":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"open", "more_body": True})
+        message = await receive()
+        while message["type"] != "http.disconnect":
+            message = await receive()
+        scope["state"]["gone"].set()
+
+
+async def test_application_mistakes_become_a_500_and_no_detail_leaks() -> None:
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    async with http11_server(_failing) as port:
+        logging.getLogger("uvicorn.error").addHandler(handler)
+        try:
+            for path in (b"/raises", b"/bad-header", b"/silent"):
+                answers, closed = await _talk(port, b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % path)
+                status, _, body = answers[0]
+                assert (status, body, closed) == (500, b"Internal Server Error", True), path
+            # A response cut short after its head: the connection closes (the client sees it).
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /short HTTP/1.1\r\nHost: a\r\n\r\n")
+            received = await asyncio.wait_for(reader.read(), 5)
+            assert received.startswith(b"HTTP/1.1 200 ") and received.endswith(b"\r\n\r\nab")
+            writer.close()
+        finally:
+            logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert any("secret detail" in str(r.exc_info) for r in records)  # it went to the log
+
+
+async def test_the_application_learns_that_its_client_left() -> None:
+    gone = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope["state"]["gone"] = gone
+        await _failing(scope, receive, send)
+
+    async with http11_server(app) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /disconnect HTTP/1.1\r\nHost: a\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"open"), 5)
+        writer.close()
+        await asyncio.wait_for(gone.wait(), 5)
+
+
+async def test_a_middleware_that_wraps_send_sees_every_response() -> None:
+    """Our handler answers in one call only where send is the protocol's own: behind a
+    middleware that wraps send, it goes through the messages, so the middleware sees them."""
+    streams = cli.build_app(MemoryStorage(), long_poll_timeout=5)
+    seen: list[int] = []
+
+    async def tagging(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def tagged(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                seen.append(message["status"])
+                message = {**message, "headers": [*message["headers"], (b"x-tagged", b"yes")]}
+            await send(message)
+
+        await streams(scope, receive, tagged)
+
+    async with http11_server(tagging) as port:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/v1/stream") as client:
+            r = await client.put("/m", headers=TEXT, content=b"x")
+            assert r.status_code == 201 and r.headers["x-tagged"] == "yes"
+            r = await client.get("/m", params={"offset": "-1"})
+            assert r.content == b"x" and r.headers["x-tagged"] == "yes"
+    assert seen == [201, 200]
+
+
+def test_the_access_log_names_each_request(tmp_path: Path) -> None:
+    port = free_port()
+    args = ["durable_streams_asgi.cli", "serve", "--port", str(port), "--log-level", "info"]
+    process = spawn(args, tmp_path / "server.log", f"http://127.0.0.1:{port}/healthz")
+    try:
+        httpx.put(f"http://127.0.0.1:{port}/v1/stream/logged?x=1", headers=TEXT)
+    finally:
+        stop(process)
+    log = (tmp_path / "server.log").read_text()
+    assert '"PUT /v1/stream/logged?x=1 HTTP/1.1" 201' in log, log
