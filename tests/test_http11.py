@@ -460,3 +460,18 @@ def test_the_access_log_names_each_request(tmp_path: Path) -> None:
         stop(process)
     log = (tmp_path / "server.log").read_text()
     assert '"PUT /v1/stream/logged?x=1 HTTP/1.1" 201' in log, log
+
+
+async def test_a_limit_reached_mid_response_closes_without_writing_into_it() -> None:
+    """A pipelined head too large while an SSE response streams: the connection closes, and
+    no 431 lands inside the event stream."""
+    async with http11_server() as port:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/v1/stream") as client:
+            await client.put("/sse", headers=TEXT, content=b"a")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /v1/stream/sse?offset=-1&live=sse HTTP/1.1\r\nHost: a\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"event: control"), 5)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 100_000)  # never ends
+        rest = await asyncio.wait_for(reader.read(), 5)  # until the server closes
+        writer.close()
+    assert b"HTTP/1.1 431" not in rest

@@ -218,9 +218,8 @@ class HTTP11Protocol(asyncio.Protocol):
             self.timer = self.loop.call_at(deadline, self._check)
             return
         self.deadline = None
-        current = self.current
-        if not self.why or (current is not None and current.started and not current.complete):
-            self.transport.close()  # idle past keep-alive, or a response under way: nothing to say
+        if not self.why:
+            self.transport.close()  # idle past keep-alive: nothing to say
         else:
             self._refuse(408, self.why)
 
@@ -229,10 +228,13 @@ class HTTP11Protocol(asyncio.Protocol):
         client had gone (its receive() says so, its sends are dropped)."""
         self.deadline = None
         self.refused = True
-        if self.current is not None:
-            self.current.lost()
-        head = _STATUS_LINES[status] + _PLAIN + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(why)
-        self.transport.write(head + why)
+        current = self.current
+        speaking = current is not None and current.started and not current.complete
+        if current is not None:
+            current.lost()
+        if not speaking:  # (mid-response, its bytes would land inside the response under way)
+            head = _STATUS_LINES[status] + _PLAIN + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(why)
+            self.transport.write(head + why)
         self.transport.close()
 
     # -- parsing -----------------------------------------------------------------------------

@@ -33,6 +33,8 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # every response (security, CORS, content type), and a line once checked needs no second check.
 _LINES: dict[tuple[bytes, bytes], bytes] = {}
 _LINES_MAX = 4096
+# Headers whose values change from one response to the next: not worth remembering.
+_VARYING = frozenset({b"stream-next-offset", b"etag", b"stream-cursor", b"location", b"date", b"last-modified"})
 _CHUNKED, _CLOSES = 1, 2
 # The server's default headers (date, server), as lines: uvicorn replaces the list every second.
 _defaults: tuple[object, bytes] = (None, b"")
@@ -236,7 +238,7 @@ class Exchange:
             if b"close" in [token.strip() for token in value.lower().split(b",")]:
                 self.framing |= _CLOSES
                 self.keep_alive = False
-        elif type(header) is tuple:
+        elif type(header) is tuple and lowered not in _VARYING:
             if len(_LINES) >= _LINES_MAX:
                 _LINES.clear()
             _LINES[header] = line
