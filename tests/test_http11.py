@@ -312,7 +312,7 @@ async def _talk(port: int, data: bytes, *, reads: int = 1) -> tuple[list[tuple[i
         answers = [await asyncio.wait_for(_response(reader), 5) for _ in range(reads)]
         try:
             closed = await asyncio.wait_for(reader.read(1), 1) == b""
-        except TimeoutError:
+        except asyncio.TimeoutError:  # (not TimeoutError before Python 3.11)
             closed = False
         return answers, closed
     finally:
