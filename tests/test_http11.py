@@ -475,3 +475,181 @@ async def test_a_limit_reached_mid_response_closes_without_writing_into_it() -> 
         rest = await asyncio.wait_for(reader.read(), 5)  # until the server closes
         writer.close()
     assert b"HTTP/1.1 431" not in rest
+
+
+async def _reviewed(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """An application for the cases an outside review found: slow answers, echoes, big bodies."""
+    if scope["type"] != "http":
+        return
+    path, state = scope["path"], scope["state"]
+    state.setdefault("calls", []).append(path)
+    body = b""
+    if path == "/slow":
+        await asyncio.sleep(1.5)  # (the application's own pace: longer than the limits below)
+    elif path == "/echo":
+        message = await receive()
+        body = message["body"]
+        while message.get("more_body"):
+            message = await receive()
+            body += message["body"]
+    elif path == "/two-receives":  # two tasks wait on receive() at once
+        both = {asyncio.ensure_future(receive()), asyncio.ensure_future(receive())}
+        done, rest = await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+        body = b"".join(task.result().get("body", b"") for task in done)  # (both may wake at once)
+        state["watcher"] = (rest or done).pop()
+    elif path == "/gives-up":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        chunk = b"y" * (1 << 20)
+        for _ in range(8):  # the client does not read: a send times out, the application goes on
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(send({"type": "http.response.body", "body": chunk, "more_body": True}), 0.2)
+        state["sent"].set()
+        await send({"type": "http.response.body", "body": b""})
+        state["after"] = "ended"
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _limits(monkeypatch: pytest.MonkeyPatch, **values: float) -> None:
+    monkeypatch.setattr(http11.connection, "_limits", http11.ClientLimits(**values))
+
+
+async def test_a_pipelined_request_waiting_its_turn_is_not_timed_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its head and body clocks stop while the server does not read (review finding 1)."""
+    _limits(monkeypatch, head_timeout=0.5, body_timeout=0.5)
+    async with http11_server(_reviewed, lifespan="on") as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\nPOST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n12345"
+        )
+        await writer.drain()
+        first = await asyncio.wait_for(_response(reader), 5)
+        writer.write(b"67890")
+        second = await asyncio.wait_for(_response(reader), 5)
+        writer.close()
+    assert first[0] == 200 and (second[0], second[2]) == (200, b"1234567890")
+
+
+async def test_a_head_too_large_is_refused_even_in_one_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A head that arrives whole in one read is measured too (review finding 3)."""
+    _limits(monkeypatch, max_head_size=4096)
+    async with http11_server(_reviewed) as port:
+        answers, closed = await _talk(port, b"GET /x HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 6000 + b"\r\n\r\n")
+        assert answers[0][0] == 431 and closed
+        answers, _ = await _talk(port, b"GET /x HTTP/1.1\r\nHost: a\r\nX-Ok: " + b"a" * 3000 + b"\r\n\r\n")
+        assert answers[0][0] == 200
+
+
+async def test_an_application_that_gives_up_on_a_send_can_send_again() -> None:
+    """Review finding 4: a timed-out send must not cancel what later sends wait on."""
+    state: dict[str, Any] = {"sent": asyncio.Event()}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope["state"] = state
+        await _reviewed(scope, receive, send)
+
+    async with http11_server(app) as port:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET /gives-up HTTP/1.1\r\nHost: a\r\n\r\n")
+        await asyncio.wait_for(state["sent"].wait(), 10)
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        received = await asyncio.wait_for(reader.read(), 10)  # now read all, to the end
+        writer.close()
+    assert state.get("after") == "ended" and received.endswith(b"0\r\n\r\n")
+
+
+async def test_two_receives_at_once_both_return() -> None:
+    """Review finding 5: both wake (the one that did not get the body, once the response ends)."""
+    state: dict[str, Any] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope["state"] = state
+        await _reviewed(scope, receive, send)
+
+    async with http11_server(app) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /two-receives HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the client's own pace: both receive() calls wait for the body
+        writer.write(b"hi")
+        assert (await asyncio.wait_for(_response(reader), 5))[2] == b"hi"
+        writer.close()
+        assert (await asyncio.wait_for(state["watcher"], 5))["type"] in ("http.request", "http.disconnect")
+
+
+async def test_pipelined_reads_wait_for_a_client_that_does_not_read() -> None:
+    """Review finding 6: a client pipelining reads of a large stream and reading none of the
+    answers gets no more answered than its socket holds, rather than every one buffered in
+    memory (our handler answers in one call, which does not wait for the socket itself)."""
+    streams = cli.build_app(MemoryStorage(), long_poll_timeout=5)
+    calls: list[str] = []
+
+    async def counting(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        calls.append(scope.get("method", ""))
+        await streams(scope, receive, send)  # send passed through: the one-call path is taken
+
+    size = 3 << 20
+    async with http11_server(counting) as port:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/v1/stream") as client:
+            put = await client.put("/big", headers={"Content-Type": "application/octet-stream"}, content=b"x" * size)
+            assert put.status_code == 201
+        calls.clear()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET /v1/stream/big?offset=-1 HTTP/1.1\r\nHost: a\r\n\r\n" * 30)
+        await asyncio.sleep(1)  # the client's own pace: it reads nothing for a second
+        answered_while_blocked = len(calls)
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 23)
+        for _ in range(30):
+            status, _, body = await asyncio.wait_for(_response(reader), 30)
+            assert status == 200 and len(body) == size
+        writer.close()
+    assert answered_while_blocked <= 2, answered_while_blocked
+    assert len(calls) == 30
+
+
+async def test_a_request_asking_for_h2c_keeps_its_body() -> None:
+    """Review finding 7: curl --http2 on http:// sends "Upgrade: h2c"; the body must arrive."""
+    upgrade = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+    async with http11_server() as port:
+        put = b"PUT /v1/stream/h2 HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\n" + upgrade
+        answers, closed = await _talk(port, put + b"Content-Length: 12\r\n\r\ninitial data")
+        assert answers[0][0] == 201 and closed
+        # The body in a later read than its head.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/stream/h2 HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\n" + upgrade)
+        writer.write(b"Content-Length: 5\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(b", two")
+        assert (await asyncio.wait_for(_response(reader), 5))[0] == 204
+        writer.close()
+        answers, _ = await _talk(port, b"GET /v1/stream/h2?offset=-1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert answers[0][2] == b"initial data, two"
+        # Chunked, with an upgrade: refused, and nothing written.
+        chunked = b"POST /v1/stream/h2 HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\n" + upgrade
+        answers, closed = await _talk(port, chunked + b"Transfer-Encoding: chunked\r\n\r\n3\r\nbad\r\n0\r\n\r\n")
+        assert answers[0][0] == 400 and closed
+        answers, _ = await _talk(port, b"GET /v1/stream/h2?offset=-1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert answers[0][2] == b"initial data, two"
+
+
+async def test_an_answer_before_100_continue_closes_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding 8: the client may or may not send the body it was not asked for, so the
+    connection cannot carry another request: closed after the answer, and no stray 408."""
+    _limits(monkeypatch, body_timeout=0.5)
+    async with http11_server(_reviewed) as port:  # /x answers without reading the body
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 20\r\nExpect: 100-continue\r\n\r\n")
+        status, headers, _ = await asyncio.wait_for(_response(reader), 5)
+        rest = await asyncio.wait_for(reader.read(), 5)  # until the server closes
+        writer.close()
+    assert (status, headers["connection"], rest) == (200, "close", b"")

@@ -74,8 +74,10 @@ class HTTP11Protocol(asyncio.Protocol):
         "draining",
         "expect_continue",
         "expiry",
+        "head_parts",
         "head_size",
         "heads_ended",
+        "held",
         "keep_alive_timeout",
         "limit_concurrency",
         "limits",
@@ -94,6 +96,7 @@ class HTTP11Protocol(asyncio.Protocol):
         "tasks",
         "timer",
         "transport",
+        "upgrade_body",
         "why",
         "writable",
     )
@@ -139,6 +142,11 @@ class HTTP11Protocol(asyncio.Protocol):
         self.why = b""  # what to answer when the deadline passes (empty: close without a word)
         self.timer: asyncio.TimerHandle | None = None
         self.expiry = 0.0
+        # While this side does not read (a pipelined request waits its turn, a body waits for the
+        # application), the client cannot send: the head or body clock stops, holding what was left.
+        self.held: float | None = None
+        self.head_parts = 0  # bytes of the URL and headers the parser has handed over
+        self.upgrade_body = 0  # body bytes still to come of a request httptools took for an upgrade
 
     # -- connection --------------------------------------------------------------------------
 
@@ -154,7 +162,7 @@ class HTTP11Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.discard(self)
-        self.deadline = None
+        self._unlimit()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -176,17 +184,25 @@ class HTTP11Protocol(asyncio.Protocol):
         writable, self.writable = self.writable, None
         if writable is not None and not writable.done():
             writable.set_result(None)
+        if self.parser is not None:  # (not after connection_lost)
+            self._next()
 
     def pause_reading(self) -> None:
         if not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
+            if self.deadline is not None:
+                self.held = max(self.deadline - self.loop.time(), 0.0)
+                self.deadline = None
 
     def resume_reading(self) -> None:
-        if self.read_paused:
+        if self.read_paused and not self.refused:
             self.read_paused = False
             if not self.transport.is_closing():
                 self.transport.resume_reading()
+            held, self.held = self.held, None
+            if held is not None:
+                self._limit(held, self.why)
 
     def shutdown(self) -> None:
         """uvicorn's graceful shutdown: close when idle, else after the response under way."""
@@ -199,6 +215,9 @@ class HTTP11Protocol(asyncio.Protocol):
     # -- limits ------------------------------------------------------------------------------
 
     def _limit(self, seconds: float, why: bytes) -> None:
+        if self.read_paused:  # the clock starts when reading does
+            self.held, self.why = seconds, why
+            return
         deadline = self.loop.time() + seconds
         self.deadline, self.why = deadline, why
         timer = self.timer
@@ -223,10 +242,13 @@ class HTTP11Protocol(asyncio.Protocol):
         else:
             self._refuse(408, self.why)
 
+    def _unlimit(self) -> None:
+        self.deadline = self.held = None
+
     def _refuse(self, status: int, why: bytes) -> None:
         """Answer ``status`` with ``why`` and close; the application's request ends as if the
         client had gone (its receive() says so, its sends are dropped)."""
-        self.deadline = None
+        self._unlimit()
         self.refused = True
         current = self.current
         speaking = current is not None and current.started and not current.complete
@@ -240,34 +262,73 @@ class HTTP11Protocol(asyncio.Protocol):
     # -- parsing -----------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self.upgrade_body:
+            self._upgrade_body(data)
+            return
         if self.refused:
             return
         counting = self.awaiting_head
         heads_ended = self.heads_ended
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # No protocol to switch to: the request is answered as plain HTTP with what came of
-            # its body, and the connection closes after it (what follows is not HTTP/1.1).
-            exchange = self.pipeline[-1] if self.pipeline else self.current
-            if exchange is not None:
-                exchange.keep_alive = False
-                exchange.more_body = False
-                exchange.notify()
-            self.deadline = None
-            self.refused = True  # nothing more is read
-            self.pause_reading()
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrade(data[exc.args[0] if exc.args else len(data) :])
             return
         except httptools.HttpParserError:
             self._bad_request()
             return
-        # Bytes that arrived while a head was incomplete (httptools buffers a header until it
-        # ends, so its callbacks cannot bound this). A read in which a head ended is not counted:
-        # most of it may be that request's body.
+        # Bytes of a head still incomplete (httptools buffers a header until it ends, so its
+        # callbacks cannot bound one that never ends); a head that ended is measured by what the
+        # parser handed over (on_headers_complete), since the rest of its read may be body.
         if counting and self.heads_ended == heads_ended and self.awaiting_head and not self.refused:
             self.head_size += len(data)
             if self.head_size > self.limits.max_head_size:
                 self._refuse(431, b"request head too large")
+
+    def _upgrade(self, rest: bytes) -> None:
+        """httptools stops at a request asking to switch protocols, which this server does not
+        (no websockets, no h2c): the request is answered as plain HTTP/1.1, with its body, and
+        the connection closes after it. httptools hands over no body for such a request: what
+        follows the head is read here, by its Content-Length."""
+        self._unlimit()
+        self.refused = True  # no further request is parsed on this connection
+        exchange = self.pipeline[-1] if self.pipeline else self.current
+        if exchange is None:
+            self.transport.close()
+            return
+        exchange.keep_alive = False
+        headers = dict(exchange.scope["headers"])
+        if b"transfer-encoding" in headers:
+            self._refuse(400, b"a request asking for an upgrade must give its body a Content-Length")
+            return
+        try:
+            length = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            length = 0  # (httptools refuses a malformed Content-Length before this)
+        if length > 0:
+            exchange.more_body = True
+            exchange.has_news = False
+            self.upgrade_body = length
+            self.refused = False  # (for the body clock; data_received reads only the body now)
+            self._limit(self.limits.body_timeout, b"request body not received in time")
+            self._upgrade_body(rest)
+        else:
+            self.pause_reading()
+
+    def _upgrade_body(self, data: bytes) -> None:
+        exchange = self.pipeline[-1] if self.pipeline else self.current
+        data = data[: self.upgrade_body]
+        self.upgrade_body -= len(data)
+        if exchange is None or exchange.complete:
+            return
+        if data:
+            exchange.body += data
+        if not self.upgrade_body:
+            exchange.more_body = False
+            self._unlimit()
+            self.pause_reading()
+            self.refused = True
+        exchange.notify()
 
     def _bad_request(self) -> None:
         logger.warning("Invalid HTTP request received.")
@@ -280,6 +341,7 @@ class HTTP11Protocol(asyncio.Protocol):
         self._refuse(400, b"Invalid HTTP request received.")
 
     def on_message_begin(self) -> None:
+        self.head_parts = 0
         self.next_url = b""
         self.next_headers = []
         self.expect_continue = False
@@ -287,9 +349,11 @@ class HTTP11Protocol(asyncio.Protocol):
             self._limit(self.limits.head_timeout, b"request head not received in time")
 
     def on_url(self, url: bytes) -> None:
+        self.head_parts += len(url)
         self.next_url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_parts += len(name) + len(value) + 4
         name = name.lower()
         value = value.rstrip(b" \t")  # llhttp keeps trailing whitespace, which is not the value's
         if name == b"expect" and value.lower() == b"100-continue":
@@ -299,6 +363,11 @@ class HTTP11Protocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.awaiting_head, self.head_size = False, 0
         self.heads_ended += 1
+        if self.refused:
+            return
+        if self.head_parts > self.limits.max_head_size:
+            self._refuse(431, b"request head too large")
+            return
         self._limit(self.limits.body_timeout, b"request body not received in time")
         parser = self.parser
         version = parser.get_http_version()
@@ -333,6 +402,8 @@ class HTTP11Protocol(asyncio.Protocol):
             self.pause_reading()
 
     def on_body(self, body: bytes) -> None:
+        if self.refused:
+            return
         exchange = self.pipeline[-1] if self.pipeline else self.current
         if exchange is None or exchange.complete:
             return
@@ -342,8 +413,10 @@ class HTTP11Protocol(asyncio.Protocol):
         exchange.notify()
 
     def on_message_complete(self) -> None:
-        self.deadline = None  # the request is whole: nothing to time until its response ends
+        self._unlimit()  # the request is whole: nothing to time until its response ends
         self.awaiting_head = True
+        if self.refused:
+            return
         exchange = self.pipeline[-1] if self.pipeline else self.current
         if exchange is None or exchange.complete:
             if self.current is None and not self.pipeline:  # answered before its body ended
@@ -373,7 +446,15 @@ class HTTP11Protocol(asyncio.Protocol):
         if not exchange.keep_alive:
             self.transport.close()
             return
-        if self.transport.is_closing():
+        self._next()
+
+    def _next(self) -> None:
+        if self.transport.is_closing() or self.current is not None:
+            return
+        if self.writable is not None:
+            # The client is not reading what it was sent: no further request is read or
+            # answered until it does (resume_writing comes back here), so that a client
+            # pipelining reads of a large stream cannot pile their responses up in memory.
             return
         if self.pipeline:
             self._start(self.pipeline.pop(0))
@@ -381,7 +462,7 @@ class HTTP11Protocol(asyncio.Protocol):
                 self.resume_reading()
             return
         self.resume_reading()
-        if self.deadline is None:  # no head or body under way: the keep-alive clock
+        if self.deadline is None and self.held is None:  # no head or body under way: keep-alive
             self._limit(self.keep_alive_timeout, b"")
 
 

@@ -70,7 +70,7 @@ class Exchange:
         "remaining",
         "scope",
         "started",
-        "waiter",
+        "waiters",
     )
 
     def __init__(self, protocol: HTTP11Protocol, scope: dict[str, Any], keep_alive: bool, continue_: bool) -> None:
@@ -81,7 +81,7 @@ class Exchange:
         self.body = b""
         self.more_body = True
         self.has_news = False  # body, its end, or the loss arrived since receive() last looked
-        self.waiter: asyncio.Future[None] | None = None
+        self.waiters: list[asyncio.Future[None]] | None = None  # receive() calls waiting
         self.disconnected = False
         self.started = False
         self.complete = False
@@ -91,9 +91,9 @@ class Exchange:
 
     def notify(self) -> None:
         self.has_news = True
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        for waiter in self.waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
 
     def lost(self) -> None:
         if not self.complete:
@@ -138,11 +138,14 @@ class Exchange:
                 self.protocol.transport.write(_CONTINUE)
         if not self.disconnected and not self.complete and not self.has_news:
             self.protocol.resume_reading()
-            self.waiter = self.protocol.loop.create_future()
+            waiter = self.protocol.loop.create_future()
+            if self.waiters is None:
+                self.waiters = []
+            self.waiters.append(waiter)  # (an application may receive() in two tasks at once)
             try:
-                await self.waiter
+                await waiter
             finally:
-                self.waiter = None
+                self.waiters.remove(waiter)
         self.has_news = False
         if self.disconnected or self.complete:
             return {"type": "http.disconnect"}
@@ -152,7 +155,9 @@ class Exchange:
     async def send(self, message: dict[str, Any]) -> None:
         protocol = self.protocol
         if protocol.writable is not None and not self.disconnected:
-            await protocol.writable
+            # Shielded: an application that gives up on a send (wait_for) must not cancel the
+            # future every later send of the connection waits on.
+            await asyncio.shield(protocol.writable)
         if self.disconnected:
             return
         kind = message["type"]
@@ -199,6 +204,10 @@ class Exchange:
         except ValueError as exc:
             raise RuntimeError(str(exc)) from None
         self.started = True
+        if self.continue_ and self.more_body:
+            # Answered before the client was told to send its body: it may send it or not, so
+            # the connection cannot be read as a next request. It closes after this response.
+            self.keep_alive = False
         self.continue_ = False
         if not self.keep_alive and not self.framing & _CLOSES:
             parts.append(b"connection: close\r\n")
