@@ -103,15 +103,14 @@ class Exchange:
     async def run(self, app: Any) -> None:
         try:
             result = await app(self.scope, self.receive, self.send)
-        except asyncio.CancelledError:  # the server's shutdown ran out of time
-            self.protocol.transport.close()
-            raise
-        except BaseException as exc:
-            logger.error("Exception in ASGI application\n", exc_info=exc)
-            if not self.started:
-                self._error_response()
-            else:
+        except asyncio.CancelledError as exc:
+            cancelling = getattr(asyncio.current_task(), "cancelling", None)  # (Python 3.11+)
+            if cancelling is None or cancelling():  # this task was cancelled: the server's shutdown
                 self.protocol.transport.close()
+                raise
+            self._failed(exc)  # raised by the application itself: a failure like any other
+        except BaseException as exc:
+            self._failed(exc)
         else:
             if result is not None:
                 logger.error("ASGI callable should return None, but returned '%s'.", result)
@@ -122,6 +121,13 @@ class Exchange:
             elif not self.complete and not self.disconnected:
                 logger.error("ASGI callable returned without completing response.")
                 self.protocol.transport.close()
+
+    def _failed(self, exc: BaseException) -> None:
+        logger.error("Exception in ASGI application\n", exc_info=exc)
+        if not self.started:
+            self._error_response()
+        else:
+            self.protocol.transport.close()
 
     def _error_response(self) -> None:
         if self.disconnected:
