@@ -193,7 +193,7 @@ class DurableStreamsASGI(ReadHandlers):
         if status not in (204, 304):
             all_headers.append((b"content-length", str(len(body)).encode()))
         request.status = status
-        # Under this package's own HTTP/1.1 protocol (http11.py), and with nothing between it and
+        # Under this package's own HTTP/1.1 protocol (http11/), and with nothing between it and
         # this handler that wraps send(): the whole response in one call, without the messages.
         respond = getattr(getattr(send, "__self__", None), "respond", None)
         if respond is not None and "durable_streams.respond" in request.scope.get("extensions", ()):

@@ -273,11 +273,12 @@ async def client(storage: Storage, app_options: dict[str, object]) -> AsyncItera
 
 
 @contextlib.asynccontextmanager
-async def running_server(app: Any, lifespan: str = "off", http: Any = "auto") -> AsyncIterator[str]:
-    """Serve ``app`` with uvicorn (``http``: its protocol) on a free loopback port inside this
-    event loop."""
+async def running_server(app: Any, lifespan: str = "off", http: Any = "auto", **config: Any) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn (``http``: its protocol; ``config``: more of uvicorn.Config's
+    settings) on a free loopback port inside this event loop."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan, http=http)
+    settings = {"host": "127.0.0.1", "port": port, "log_level": "warning", "lifespan": lifespan, "http": http}
+    config = uvicorn.Config(app, **{**settings, **config})
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:

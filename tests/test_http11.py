@@ -127,19 +127,8 @@ async def http11_server(app: Any = None, **config: Any) -> AsyncIterator[int]:
     """``app`` (the streams app by default) served on this protocol in this event loop: its port."""
     if app is None:
         app = cli.build_app(MemoryStorage(), long_poll_timeout=5)
-    port = free_port()
-    settings = {"host": "127.0.0.1", "port": port, "log_level": "warning", "lifespan": "off", "http": HTTP11Protocol}
-    server = uvicorn.Server(uvicorn.Config(app, **{**settings, **config}))
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-        yield port
-    finally:
-        server.should_exit = True
-        await task
+    async with running_server(app, http=HTTP11Protocol, **config) as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 async def _response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:

@@ -8,7 +8,7 @@ request before the application runs, on a request-cycle object of twenty attribu
 ``asyncio.Event``, a keep-alive timer made and cancelled per request, two regular-expression
 checks per response header, and a head written apart from its body. Here one small object per
 request holds what the request needs, the connection keeps one timer for every limit, response
-headers are checked in two searches, a head goes out with its body in one write, and an
+header lines are checked once and remembered, a head goes out with its body in one write, and an
 application that knows it is answering whole (ours) can do so in one call (:meth:`Exchange.respond`).
 
 It also bounds what one client can hold, which uvicorn does not: a request head must arrive

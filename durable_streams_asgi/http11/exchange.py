@@ -236,7 +236,8 @@ class Exchange:
         return b"".join(parts)
 
     def _line(self, header: tuple[bytes, bytes]) -> bytes:
-        """A header's line, checked; remembered unless it frames the body or the connection."""
+        """A header's line, checked; remembered unless it frames the body or the connection, or
+        is one whose value changes from one response to the next (_VARYING)."""
         name, value = header
         if _BAD_NAME.search(name):
             raise ValueError("Invalid HTTP header name.")
