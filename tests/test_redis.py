@@ -431,6 +431,42 @@ async def test_an_append_sent_again_after_a_lost_reply_writes_once_whatever_came
         await storage.aclose()
 
 
+async def test_a_resent_append_is_recognised_through_fifteen_appends_between_and_not_sixteen(redis_url: str) -> None:
+    """The script remembers the last 16 plain appends (a ring of meta fields): an append sent
+    again after 15 others came between is still found, wherever the ring has turned to; after 16
+    it is not, and the caller hears "unsure" instead of a second copy. Fields an earlier layout
+    left ('rn', 'rc') change nothing."""
+    prefix = unique_prefix()
+    storage = RedisStorage.from_url(redis_url, key_prefix=prefix)
+    admin = Redis.from_url(redis_url)
+
+    def args(nonce: str, data: bytes) -> tuple[object, ...]:
+        return ("text/plain", "0", "", "", "0", "0", storage._channel("/r"), nonce, data)
+
+    try:
+        await storage.create("/r", StreamConfig(content_type="text/plain"))
+        meta = storage._keys("/r")[0]
+        # What an earlier version kept: a list that claims to be full and names none of ours.
+        await admin.hset(meta, mapping={"rn": ";other:1", "rc": "16"})
+        for turn in range(3):  # the ring at several starting points
+            for _ in range(turn * 5):
+                await storage.append("/r", AppendRequest("text/plain", [b"."]))
+            first = await storage._call("append", "/r", *args(f"n-{turn}", b"A"))
+            for _ in range(15):
+                await storage.append("/r", AppendRequest("text/plain", [b"."]))
+            tail = (await storage.head("/r")).tail
+            again = await storage._call("append", "/r", *args(f"!n-{turn}", b"A"))
+            assert again[:2] == first[:2]  # the first run's own tail
+            assert (await storage.head("/r")).tail == tail  # nothing written again
+            await storage.append("/r", AppendRequest("text/plain", [b"."]))
+            assert await storage._call("append", "/r", *args(f"!n-{turn}", b"A")) == [b"unsure"]
+            assert (await storage.head("/r")).tail == tail + 1
+        assert await admin.hget(meta, "rn") == b";other:1"  # left for the version that reads it
+    finally:
+        await admin.aclose()
+        await storage.aclose()
+
+
 async def test_killed_pooled_connections_are_replaced_transparently(redis_url: str) -> None:
     storage = RedisStorage.from_url(redis_url, key_prefix=unique_prefix(), client_name="pooled-kill")
     admin = Redis.from_url(redis_url)

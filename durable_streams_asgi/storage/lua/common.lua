@@ -2,7 +2,8 @@
 --   KEYS[1] meta (hash)   KEYS[2] data (stream)   KEYS[3] producers (hash)   KEYS[4] forks (set)
 -- meta fields: ct (content type), mt (its media type), json, tail, closed, ttl (s), exp (ms),
 --   dl (deadline ms), seq (last Stream-Seq), id, src (fork source path), base (fork point),
---   del (soft-deleted), rq (the creating request, for idempotent re-creates).
+--   del (soft-deleted), rq (the creating request, for idempotent re-creates), ri and r0..r15
+--   (append.lua's recent nonces).
 -- Data entries have ID "<end position>-0" and one field "d", so "XRANGE (<pos> +" starts at
 -- the entry holding <pos>.
 
@@ -21,14 +22,23 @@ local function int(n)
   return string.format('%.0f', n)
 end
 
+-- The meta fields scripts read, by name: HMGET of these rather than HGETALL, so that fields
+-- kept for rare paths (append.lua's ring of recent nonces) cost the common ones nothing.
+local FIELDS = {'ct', 'mt', 'json', 'tail', 'closed', 'ttl', 'exp', 'dl', 'seq', 'id', 'src', 'base', 'del', 'rq',
+                'ri'}
+
 local function load(key)
-  local raw = redis.call('HGETALL', key)
-  if #raw == 0 then
-    return nil
+  local raw = redis.call('HMGET', key, unpack(FIELDS))
+  local m, found = {}, false
+  for i = 1, #FIELDS do
+    local value = raw[i]
+    if value then
+      m[FIELDS[i]] = value
+      found = true
+    end
   end
-  local m = {}
-  for i = 1, #raw, 2 do
-    m[raw[i]] = raw[i + 1]
+  if not found then  -- (every stream has at least ct, tail and id)
+    return nil
   end
   return m
 end
