@@ -206,7 +206,7 @@ class DurableStreamsASGI(ReadHandlers):
         if scope["type"] != "http":
             return
         measure = metrics.current.enabled
-        began = time.perf_counter() if measure else 0.0
+        began = time.perf_counter() if measure and metrics.current.timed else 0.0
         route_path = scope["path"]
         root = scope.get("root_path", "")
         if root and route_path.startswith(root):
@@ -240,8 +240,8 @@ class DurableStreamsASGI(ReadHandlers):
             if measure:
                 # Counted here, by the status the response started with (0: none was sent).
                 operation = _operation(request)
-                live = operation in ("long_poll", "sse")
-                metrics.current.request(operation, request.status, None if live else time.perf_counter() - began)
+                timed = began and operation != "long_poll" and operation != "sse"
+                metrics.current.request(operation, request.status, time.perf_counter() - began if timed else None)
 
     def start_subscriptions(self) -> Subscriptions:
         """Start serving subscriptions over this storage (idempotent; needs a running loop)."""
@@ -495,6 +495,8 @@ def _operation(request: _Request) -> str:
         # Counted as a close only when its head promised no body: one without a length may
         # have carried data, which made it an append.
         h = request.headers
+        if "stream-closed" not in h:
+            return "append"
         return "close" if _close_only(h) and h.get("content-length", "").strip() == "0" else "append"
     return _OPERATIONS.get(method, "other")
 

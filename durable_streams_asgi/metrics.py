@@ -18,6 +18,9 @@ class Metrics:
     the HTTP layer should time and classify requests at all (a little work per request)."""
 
     enabled = False
+    #: Whether :meth:`request` wants durations: the HTTP layer reads the clock around a request
+    #: only then, and passes None otherwise.
+    timed = True
 
     def request(self, operation: str, status: int, seconds: float | None) -> None:
         """An HTTP request was answered. ``operation`` is one of ``create``, ``append``,

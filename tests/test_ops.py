@@ -157,6 +157,69 @@ def test_metrics_can_be_turned_off(tmp_path: Path) -> None:
         stop(process)
 
 
+def test_prometheus_hooks_hand_over_what_they_counted_with_the_status_text_and_503s_derived() -> None:
+    """The hot-path hooks keep raw counts (operation and numeric status, bare totals) and the
+    flush turns them into the metrics: the status as text ("none" when no response started),
+    the 503s counted again as unavailable responses, appends as messages and bytes; durations
+    only when asked for, and only then does the HTTP layer read the clock."""
+    from prometheus_client import CollectorRegistry
+
+    from durable_streams_asgi.ops.prometheus import PrometheusMetrics
+
+    def values(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        found = {}
+        for family in registry.collect():
+            for sample in family.samples:
+                found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return found
+
+    async def drive(hooks: PrometheusMetrics) -> None:
+        for _ in range(3):
+            hooks.request("append", 503, None)
+        hooks.request("append", 204, 0.002)
+        hooks.request("read", 0, 0.001)
+        hooks.appended(2, 150)
+        hooks.appended(1, 50)
+        hooks.flush()
+        hooks.request("append", 204, None)  # a second flush adds to the first
+        hooks.appended(1, 10)
+        hooks.flush()
+
+    plain = CollectorRegistry()
+    hooks = PrometheusMetrics(plain)
+    assert hooks.timed is False
+    asyncio.run(drive(hooks))
+    got = values(plain)
+    assert got[("durable_streams_requests_total", (("operation", "append"), ("status", "503")))] == 3
+    assert got[("durable_streams_requests_total", (("operation", "append"), ("status", "204")))] == 2
+    assert got[("durable_streams_requests_total", (("operation", "read"), ("status", "none")))] == 1
+    assert got[("durable_streams_unavailable_responses_total", ())] == 3
+    assert got[("durable_streams_appended_messages_total", ())] == 4
+    assert got[("durable_streams_appended_bytes_total", ())] == 210
+    assert not any(name.startswith("durable_streams_request_duration") for name, _ in got)
+
+    timed = CollectorRegistry()
+    hooks = PrometheusMetrics(timed, request_durations=True)
+    assert hooks.timed is True
+    asyncio.run(drive(hooks))
+    got = values(timed)
+    assert got[("durable_streams_request_duration_seconds_count", (("operation", "append"),))] == 1
+    assert got[("durable_streams_request_duration_seconds_count", (("operation", "read"),))] == 1
+
+
+def test_prometheus_hooks_without_a_running_loop_hand_over_at_once() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from durable_streams_asgi.ops.prometheus import PrometheusMetrics
+
+    registry = CollectorRegistry()
+    hooks = PrometheusMetrics(registry)
+    hooks.request("head", 200, None)
+    hooks.appended(1, 7)
+    assert registry.get_sample_value("durable_streams_requests_total", {"operation": "head", "status": "200"}) == 1
+    assert registry.get_sample_value("durable_streams_appended_bytes_total") == 7
+
+
 # -- TLS, proxies, logs, version -----------------------------------------------------------------
 
 
