@@ -114,7 +114,7 @@ class ScriptBatcher:
         self._idle: Any = None
         self._closed = False
 
-    async def call(
+    def call(
         self,
         script: AsyncScript,
         stream: str | None,
@@ -123,9 +123,11 @@ class ScriptBatcher:
         *,
         resend: tuple[Any, ...] | None = None,
         asking: bool = False,
-    ) -> Any:
-        """Run ``script``. ``stream`` names the stream a writing script changes (None for one
-        that only reads): it decides what may be sent again after a connection is lost.
+    ) -> asyncio.Future[Any]:
+        """Queue ``script`` for this tick's batch; returns the future of its reply (see the
+        class), not a coroutine: every caller awaits it at once, and each script call is spared
+        a frame. ``stream`` names the stream a writing script changes (None for one that only
+        reads): it decides what may be sent again after a connection is lost.
         ``resend``: the arguments to send instead in that case (a script that must know it may
         have run already). ``asking``: precede it with ``ASKING`` (Redis Cluster, a slot being
         migrated to this node)."""
@@ -136,7 +138,7 @@ class ScriptBatcher:
         if not self._queue:
             loop.call_soon(self._flush)
         self._queue.append(_Call(script, stream, packed, future, keys, resend, asking))
-        return await future
+        return future
 
     def _flush(self) -> None:
         queue, self._queue = self._queue, []
