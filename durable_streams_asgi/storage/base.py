@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from .quick_init import quick_init
+
 # --------------------------------------------------------------------------------------------
 # Errors. Each names the protocol condition, not the HTTP status: the mapping to statuses lives
 # in one place, durable_streams_asgi.protocol.
@@ -113,6 +115,7 @@ class RecordConflict(StorageError):
 # Values passed in and out.
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class StreamConfig:
     """What a PUT asks for. Two creates are the same request when their configs are equal."""
@@ -131,6 +134,7 @@ class StreamConfig:
     fork_sub_offset: int = 0
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Producer:
     """Idempotent producer headers of one request (PROTOCOL.md section 5.2.1)."""
@@ -140,6 +144,7 @@ class Producer:
     seq: int
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class AppendRequest:
     """One POST: zero or more items, optionally closing the stream.
@@ -155,6 +160,7 @@ class AppendRequest:
     producer: Producer | None = None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class StreamInfo:
     """A snapshot of a stream's metadata."""
@@ -171,6 +177,7 @@ class StreamInfo:
     is_json: bool = False
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class CreateResult:
     #: False when an identical stream already existed (idempotent create).
@@ -178,6 +185,7 @@ class CreateResult:
     info: StreamInfo
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class AppendResult:
     info: StreamInfo
@@ -188,6 +196,7 @@ class AppendResult:
     producer_seq: int | None = None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class ReadResult:
     """Data from ``start`` up to ``next``; ``info`` is the stream as it was when read."""
@@ -208,6 +217,7 @@ class ReadResult:
         return self.info.closed and self.next >= self.info.tail
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Lease:
     """A named, expiring claim that one owner holds at a time (``acquire_lease``).
@@ -226,6 +236,7 @@ class Lease:
     held: bool
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Record:
     """A small document of shared control state (a subscription, a signing key) in a *space*.
