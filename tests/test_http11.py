@@ -404,6 +404,27 @@ async def test_application_mistakes_become_a_500_and_no_detail_leaks() -> None:
     assert any("secret detail" in str(r.exc_info) for r in records)  # it went to the log
 
 
+async def test_a_header_name_once_checked_still_has_every_value_checked() -> None:
+    """Names are checked once and remembered, values every time: a good value and then a bad one
+    under the same name (a plain header, and one whose lines are never remembered) is a 500 the
+    second time; a bad name is never remembered as checked."""
+    values = iter([b"fine", b"a\r\nset-cookie: b", b"fine", b"a\nb"])
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        name = {"/plain": b"x-thing", "/varying": b"etag", "/bad-name": b"x thing"}[scope["path"]]
+        value = b"fine" if name == b"x thing" else next(values)
+        await send({"type": "http.response.start", "status": 200, "headers": [(name, value)]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async with http11_server(app) as port:
+        for path, statuses in ((b"/plain", (200, 500)), (b"/varying", (200, 500)), (b"/bad-name", (500, 500))):
+            for expected in statuses:
+                answers, _ = await _talk(port, b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % path)
+                assert answers[0][0] == expected, path
+
+
 async def test_the_application_learns_that_its_client_left() -> None:
     gone = asyncio.Event()
 

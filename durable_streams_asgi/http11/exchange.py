@@ -36,6 +36,16 @@ _LINES_MAX = 4096
 # Headers whose values change from one response to the next: not worth remembering.
 _VARYING = frozenset({b"stream-next-offset", b"etag", b"stream-cursor", b"location", b"date", b"last-modified"})
 _CHUNKED, _CLOSES = 1, 2
+# Header names already checked, by what they are to the response: a plain header (its lines are
+# remembered), one of _VARYING, or one that frames the body or the connection.
+_PLAIN, _VARIES, _LENGTH, _ENCODING, _CONNECTION = range(5)
+_KINDS = {
+    b"content-length": _LENGTH,
+    b"transfer-encoding": _ENCODING,
+    b"connection": _CONNECTION,
+    **dict.fromkeys(_VARYING, _VARIES),
+}
+_NAMES: dict[bytes, int] = {}
 # The server's default headers (date, server), as lines: uvicorn replaces the list every second.
 _defaults: tuple[object, bytes] = (None, b"")
 
@@ -237,27 +247,34 @@ class Exchange:
 
     def _line(self, header: tuple[bytes, bytes]) -> bytes:
         """A header's line, checked; remembered unless it frames the body or the connection, or
-        is one whose value changes from one response to the next (_VARYING)."""
+        is one whose value changes from one response to the next (_VARYING), whose names alone
+        are remembered as checked."""
         name, value = header
-        if _BAD_NAME.search(name):
-            raise ValueError("Invalid HTTP header name.")
+        kind = _NAMES.get(name)
+        if kind is None:
+            if _BAD_NAME.search(name):
+                raise ValueError("Invalid HTTP header name.")
+            kind = _KINDS.get(name.lower(), _PLAIN)
+            if len(_NAMES) >= _LINES_MAX:
+                _NAMES.clear()
+            _NAMES[name] = kind
         if _BAD_VALUE.search(value):
             raise ValueError("Invalid HTTP header value.")
         line = b"%s: %s\r\n" % (name, value)
-        lowered = name.lower()
-        if lowered == b"content-length":
+        if kind == _PLAIN:
+            if type(header) is tuple:
+                if len(_LINES) >= _LINES_MAX:
+                    _LINES.clear()
+                _LINES[header] = line
+        elif kind == _LENGTH:
             self.length = int(value)
-        elif lowered == b"transfer-encoding":
+        elif kind == _ENCODING:
             if value.lower() == b"chunked":
                 self.framing |= _CHUNKED
-        elif lowered == b"connection":
+        elif kind == _CONNECTION:
             if b"close" in [token.strip() for token in value.lower().split(b",")]:
                 self.framing |= _CLOSES
                 self.keep_alive = False
-        elif type(header) is tuple and lowered not in _VARYING:
-            if len(_LINES) >= _LINES_MAX:
-                _LINES.clear()
-            _LINES[header] = line
         return line
 
     def _log(self, status: int) -> None:
