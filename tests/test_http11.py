@@ -425,6 +425,42 @@ async def test_a_header_name_once_checked_still_has_every_value_checked() -> Non
                 assert answers[0][0] == expected, path
 
 
+async def test_proxy_headers_mean_what_uvicorn_says_and_requests_without_them_skip_its_middleware() -> None:
+    """uvicorn's ProxyHeadersMiddleware still decides what X-Forwarded-For and -Proto mean; the
+    protocol hands it only the requests that carry one (it leaves every other scope alone), on
+    the same kept-alive connection too, and a peer that is not trusted changes nothing."""
+    seen: list[tuple[Any, str]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        seen.append((scope["client"][0], scope["scheme"]))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    def get(*headers: bytes) -> bytes:
+        return b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n"
+
+    requests = (
+        get(b"X-Forwarded-For: 203.0.113.9, 127.0.0.1", b"X-Forwarded-Proto: https")
+        + get()
+        + get(b"x-forwarded-proto: https")
+        + get(b"X-Forwarded-For: 198.51.100.7")
+    )
+    async with http11_server(app, proxy_headers=True, forwarded_allow_ips="127.0.0.1") as port:
+        answers, _ = await _talk(port, requests, reads=4)
+    assert [status for status, _, _ in answers] == [204] * 4
+    assert seen == [("203.0.113.9", "https"), ("127.0.0.1", "http"), ("127.0.0.1", "https"), ("198.51.100.7", "http")]
+    seen.clear()
+    async with http11_server(app, proxy_headers=True, forwarded_allow_ips="192.0.2.1") as port:
+        await _talk(port, requests, reads=4)
+    assert seen == [("127.0.0.1", "http")] * 4
+    seen.clear()
+    async with http11_server(app, proxy_headers=False) as port:
+        await _talk(port, requests, reads=4)
+    assert seen == [("127.0.0.1", "http")] * 4
+
+
 async def test_the_application_learns_that_its_client_left() -> None:
     gone = asyncio.Event()
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httptools
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from .exchange import _STATUS_LINES, Exchange, access_logger, logger
 
@@ -74,6 +75,7 @@ class HTTP11Protocol(asyncio.Protocol):
         "draining",
         "expect_continue",
         "expiry",
+        "forwarded",
         "head_parts",
         "head_size",
         "heads_ended",
@@ -86,6 +88,7 @@ class HTTP11Protocol(asyncio.Protocol):
         "next_url",
         "parser",
         "pipeline",
+        "proxied_app",
         "read_paused",
         "refused",
         "root_path",
@@ -106,7 +109,17 @@ class HTTP11Protocol(asyncio.Protocol):
     ) -> None:
         if not config.loaded:
             config.load()
-        self.app = config.loaded_app
+        app = config.loaded_app
+        # uvicorn wraps the application, outermost, in its ProxyHeadersMiddleware (--proxy-headers,
+        # on by default), which changes a request's scope only where X-Forwarded-For or -Proto is
+        # present. Requests with neither skip it (a coroutine and a scan of the headers less per
+        # request); those with one go through it as before, so what they mean is uvicorn's.
+        self.proxied_app: Any = None
+        inner = getattr(app, "app", None) if type(app) is ProxyHeadersMiddleware else None
+        if inner is not None:
+            self.proxied_app, app = app, inner
+        self.app = app
+        self.forwarded = False  # the request head under way has an X-Forwarded-* header
         self.loop = _loop or asyncio.get_event_loop()
         self.server_state = server_state
         self.connections: set[Any] = server_state.connections
@@ -345,6 +358,7 @@ class HTTP11Protocol(asyncio.Protocol):
         self.next_url = b""
         self.next_headers = []
         self.expect_continue = False
+        self.forwarded = False
         if self.deadline is None or not self.why:  # idle (or kept alive): now the head's clock
             self._limit(self.limits.head_timeout, b"request head not received in time")
 
@@ -358,6 +372,8 @@ class HTTP11Protocol(asyncio.Protocol):
         value = value.rstrip(b" \t")  # llhttp keeps trailing whitespace, which is not the value's
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect_continue = True
+        elif name.startswith(b"x-forwarded-"):
+            self.forwarded = True
         self.next_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -395,6 +411,7 @@ class HTTP11Protocol(asyncio.Protocol):
         }
         keep_alive = version != "1.0" and parser.should_keep_alive() and not self.draining
         exchange = Exchange(self, scope, keep_alive, self.expect_continue)
+        exchange.app = self.proxied_app if self.forwarded and self.proxied_app is not None else self.app
         if self.current is None:
             self._start(exchange)
         else:  # pipelined: its turn comes when the one before has answered
@@ -430,7 +447,7 @@ class HTTP11Protocol(asyncio.Protocol):
     def _start(self, exchange: Exchange) -> None:
         self.current = exchange
         limit = self.limit_concurrency
-        app = self.app
+        app = exchange.app
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
             logger.warning("Exceeded concurrency limit.")
             app = _service_unavailable

@@ -65,6 +65,7 @@ class Exchange:
     """One request and its response: what the application's ``receive`` and ``send`` act on."""
 
     __slots__ = (
+        "app",
         "body",
         "chunked",
         "complete",
@@ -86,6 +87,7 @@ class Exchange:
     def __init__(self, protocol: HTTP11Protocol, scope: dict[str, Any], keep_alive: bool, continue_: bool) -> None:
         self.protocol = protocol
         self.scope = scope
+        self.app: Any = protocol.app  # what answers it (see HTTP11Protocol.__init__)
         self.keep_alive = keep_alive
         self.continue_ = continue_  # the client waits for "100 Continue" before sending the body
         self.body = b""
