@@ -282,3 +282,24 @@ async def test_batches_keep_one_connection_and_replace_it_when_redis_closed_it(r
         await storage.aclose()
     async with Redis.from_url(redis_url, decode_responses=True) as check:
         assert await clients_named(check, name) == []  # closing the storage let its connection go
+
+
+def test_script_calls_are_encoded_as_redis_py_encodes_them() -> None:
+    """The batcher's own RESP packing (with the script's hash and the stream's keys packed once and
+    remembered) gives the bytes redis-py's packer gives, for every argument type scripts take,
+    small and large, and the same call packed again from the cache is the same."""
+    client = Redis()
+    batcher = ScriptBatcher(client)
+    reference = client.connection_pool.connection_class()
+    sha = "a" * 40
+    keys = ["ds:{/s}:m", "ds:{/s}:d", "ds:{/s}:p", "ds:{/s}:f"]
+    args: tuple[Any, ...] = ("text/plain", "0", "", "é", 7, b"\x00\r\n", b"x" * 5000, "y" * 2000, 0)
+    expected = b"".join(reference.pack_command("EVALSHA", sha, len(keys), *keys, *args))
+    for _ in range(2):
+        assert b"".join(batcher._pack_call(sha, keys, args)) == expected
+    other = ["ds:{/t}:m"]
+    assert b"".join(batcher._pack_call(sha, other, ("1",))) == b"".join(
+        reference.pack_command("EVALSHA", sha, 1, *other, "1")
+    )
+    with pytest.raises(TypeError):
+        batcher._pack_call(sha, keys, (1.5,))
