@@ -99,6 +99,9 @@ _READY_TIMEOUT = 2.0
 _FORK_INDEX_PARTS = 16
 
 
+_PATH_NAMES_MAX = 4096
+
+
 def _fork_index(prefix: str, part: int) -> str:
     return f"{prefix}{{__ds:forks:{part}}}"
 
@@ -149,6 +152,7 @@ class RedisStorage(ForkReferences, AppendObservers):
         self._client = client
         self._router: Router = router or SingleRouter(client)  # type: ignore[arg-type]
         self._prefix = key_prefix
+        self._path_names: dict[str, tuple[list[str], bytes]] = {}
         self._entry_size = entry_size
         self._owns_client = owns_client
         self._scripts = {name: self._router.register(_load_script(name, self._router.publish)) for name in _SCRIPTS}
@@ -199,8 +203,19 @@ class RedisStorage(ForkReferences, AppendObservers):
     # -- keys and plumbing -----------------------------------------------------------------------
 
     def _keys(self, path: str) -> list[str]:
-        base = f"{self._prefix}{{{_escape(path)}}}"
-        return [f"{base}:m", f"{base}:d", f"{base}:p", f"{base}:f"]
+        return self._names(path)[0]
+
+    def _names(self, path: str) -> tuple[list[str], bytes]:
+        """The stream's keys and its notification channel, remembered for recent paths (built
+        on every call, they were a measurable share of an append). Never to be changed."""
+        names = self._path_names.get(path)
+        if names is None:
+            base = f"{self._prefix}{{{_escape(path)}}}"
+            names = ([f"{base}:m", f"{base}:d", f"{base}:p", f"{base}:f"], f"{base}:n".encode())
+            if len(self._path_names) >= _PATH_NAMES_MAX:
+                self._path_names.clear()
+            self._path_names[path] = names
+        return names
 
     def _index(self, indexed: str) -> str:
         """The part of the fork index that holds ``indexed`` (``<fork path>\n<id>\n<source>``)."""
@@ -215,7 +230,7 @@ class RedisStorage(ForkReferences, AppendObservers):
         return [_fork_index(self._prefix, n) for n in range(_FORK_INDEX_PARTS)] + [f"{self._prefix}forks"]
 
     def _channel(self, path: str) -> bytes:
-        return f"{self._prefix}{{{_escape(path)}}}:n".encode()
+        return self._names(path)[1]
 
     async def _call(
         self, script: str, path: str, *args: Any, resend: tuple[Any, ...] | None = None, channel: bytes | None = None
