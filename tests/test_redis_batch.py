@@ -303,3 +303,18 @@ def test_script_calls_are_encoded_as_redis_py_encodes_them() -> None:
     )
     with pytest.raises(TypeError):
         batcher._pack_call(sha, keys, (1.5,))
+
+
+def test_what_the_name_caches_keep_is_bounded_per_entry() -> None:
+    """A stream's keys and channel, and a call's packed start, are remembered for ordinary paths;
+    a client asking for long paths (each escaped brace triples) gets them built each time, not
+    kept: thousands of such paths could otherwise pin tens of megabytes."""
+    storage = RedisStorage.from_url("redis://127.0.0.1:1/0", key_prefix="t:")  # (never connects)
+    batcher = ScriptBatcher(Redis())
+    short, long = "/chat/1", "/" + "{" * 1000
+    for path in (short, long):
+        keys = storage._keys(path)
+        assert storage._keys(path) == keys and storage._channel(path).endswith(b":n")
+        batcher._pack_call("a" * 40, keys, ("x",))
+    assert list(storage._path_names) == [short]
+    assert [key for _, key in batcher._prefixes] == [tuple(storage._keys(short))]

@@ -12,6 +12,7 @@ descriptors. Everything else stays the dataclass's: the instances are as frozen 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -35,28 +36,35 @@ def quick_init(cls: type[T]) -> type[T]:
         raise TypeError(f"{cls.__name__} is not a slotted dataclass")
     if hasattr(cls, "__post_init__"):
         raise TypeError(f"{cls.__name__} has a __post_init__, which this __init__ would skip")
-    namespace: dict[str, Any] = {"_NO_VALUE": _NO_VALUE}
+    helpers: dict[str, Any] = {"_NO_VALUE": _NO_VALUE}
     parameters: list[str] = []
     lines: list[str] = []
     for field in dataclasses.fields(cls):
         if field.kw_only or not field.init:
             raise TypeError(f"{cls.__name__}.{field.name}: keyword-only and non-init fields are not handled")
         name = field.name
-        namespace[f"_set_{name}"] = cls.__dict__[name].__set__  # the slot's member descriptor
+        helpers[f"_set_{name}"] = cls.__dict__[name].__set__  # the slot's member descriptor
         value = name
         if field.default is not dataclasses.MISSING:
-            namespace[f"_default_{name}"] = field.default
+            helpers[f"_default_{name}"] = field.default
             parameters.append(f"{name}=_default_{name}")
         elif field.default_factory is not dataclasses.MISSING:
-            namespace[f"_factory_{name}"] = field.default_factory
+            helpers[f"_factory_{name}"] = field.default_factory
             parameters.append(f"{name}=_NO_VALUE")
             value = f"_factory_{name}() if {name} is _NO_VALUE else {name}"
         else:
             parameters.append(name)
-        lines.append(f"    _set_{name}(self, {value})")
-    source = f"def __init__(self, {', '.join(parameters)}):\n" + "\n".join(lines or ["    pass"]) + "\n"
-    exec(source, namespace)  # (of our own field names only, as dataclasses itself does)
-    init = namespace["__init__"]
+        lines.append(f"        _set_{name}(self, {value})")
+    # As dataclasses do it: the helpers reach __init__ through a closure, and its globals are the
+    # class's module, so that typing.get_type_hints() resolves its annotations as before.
+    source = (
+        f"def __create__({', '.join(helpers)}):\n"
+        f"    def __init__(self, {', '.join(parameters)}):\n" + "\n".join(lines or ["        pass"]) + "\n"
+        "    return __init__\n"
+    )
+    made: dict[str, Any] = {}
+    exec(source, sys.modules[cls.__module__].__dict__, made)  # (our own field names only)
+    init = made["__create__"](**helpers)
     init.__qualname__ = f"{cls.__qualname__}.__init__"
     init.__module__ = cls.__module__
     init.__doc__ = cls.__init__.__doc__

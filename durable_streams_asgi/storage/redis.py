@@ -99,7 +99,10 @@ _READY_TIMEOUT = 2.0
 _FORK_INDEX_PARTS = 16
 
 
+# Remembered names: at most this many paths, each at most this long (a path's names are about
+# five times its escaped length; a client may ask for thousands of long missing paths).
 _PATH_NAMES_MAX = 4096
+_PATH_NAMES_LONGEST = 256
 
 
 def _fork_index(prefix: str, part: int) -> str:
@@ -212,9 +215,10 @@ class RedisStorage(ForkReferences, AppendObservers):
         if names is None:
             base = f"{self._prefix}{{{_escape(path)}}}"
             names = ([f"{base}:m", f"{base}:d", f"{base}:p", f"{base}:f"], f"{base}:n".encode())
-            if len(self._path_names) >= _PATH_NAMES_MAX:
-                self._path_names.clear()
-            self._path_names[path] = names
+            if len(path) <= _PATH_NAMES_LONGEST:  # (what a client's long paths can pin is bounded)
+                if len(self._path_names) >= _PATH_NAMES_MAX:
+                    self._path_names.clear()
+                self._path_names[path] = names
         return names
 
     def _index(self, indexed: str) -> str:

@@ -73,6 +73,7 @@ _INLINE = 1024
 # Packed "EVALSHA <sha> <number of keys> <keys...>" by (sha, keys): a stream's keys and a script's
 # hash are the same in every call on it, and packing them was most of a call's encoding.
 _PREFIXES_MAX = 4096
+_PREFIX_LONGEST = 1536  # (a stream's four keys from a path of up to about 256 characters)
 
 
 _ASKING = b"*1\r\n$6\r\nASKING\r\n"
@@ -164,9 +165,10 @@ class ScriptBatcher:
             parts: list[bytes] = []
             _pack_into(parts, (b"EVALSHA", sha, len(keys), *keys), self._encoding, self._errors)
             prefix = b"".join(parts)
-            if len(cache) >= _PREFIXES_MAX:
-                cache.clear()
-            cache[key] = prefix
+            if len(prefix) <= _PREFIX_LONGEST:
+                if len(cache) >= _PREFIXES_MAX:
+                    cache.clear()
+                cache[key] = prefix
         out = [b"*%d\r\n" % (3 + len(keys) + len(args)), prefix]
         _pack_into(out, args, self._encoding, self._errors)
         return out
