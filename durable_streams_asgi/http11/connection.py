@@ -411,7 +411,8 @@ class HTTP11Protocol(asyncio.Protocol):
         }
         keep_alive = version != "1.0" and parser.should_keep_alive() and not self.draining
         exchange = Exchange(self, scope, keep_alive, self.expect_continue)
-        exchange.app = self.proxied_app if self.forwarded and self.proxied_app is not None else self.app
+        if self.forwarded and self.proxied_app is not None:
+            exchange.app = self.proxied_app
         if self.current is None:
             self._start(exchange)
         else:  # pipelined: its turn comes when the one before has answered

@@ -19,9 +19,9 @@ end
 -- (A producer's request needs none of this: its epoch and sequence number tell a resend.)
 local nonce = ARGV[8]
 local plain = ARGV[4] == ''
+local written = tonumber(m.ri or '0')  -- plain appends recorded in the ring so far
 if string.byte(nonce, 1) == 33 and plain then
   nonce = string.sub(nonce, 2)
-  local written = tonumber(m.ri or '0')
   local mark = nonce .. ':'
   local slots = {}
   for i = 0, math.min(written, RECENT) - 1 do
@@ -90,7 +90,6 @@ local tail = add_items(tonumber(m.tail), m.json == '1', 9)
 m.tail = int(tail)
 local fields = {'tail', m.tail}
 if plain then
-  local written = tonumber(m.ri or '0')
   table.insert(fields, 'r' .. (written % RECENT)); table.insert(fields, nonce .. ':' .. m.tail)
   table.insert(fields, 'ri'); table.insert(fields, written + 1)
 end
